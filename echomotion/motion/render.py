@@ -36,10 +36,15 @@ def _background(background, num_frames: int, height: int, width: int) -> np.ndar
     if background is None:
         return np.zeros((num_frames, height, width, 3), np.uint8)
     if isinstance(background, np.ndarray) and background.ndim >= 3:
-        bg = np.broadcast_to(background, (num_frames, height, width, 3)) if background.dtype == np.uint8 else None
-        if bg is None:
-            raise ValueError(f"background frames must be uint8 [F,H,W,3] or [H,W,3], got {background.dtype}")
-        return bg.copy()
+        want = (num_frames, height, width, 3)
+        if background.dtype != np.uint8 or background.shape[-3:] != want[1:] or background.ndim > 4 or (
+            background.ndim == 4 and background.shape[0] != num_frames
+        ):
+            raise ValueError(
+                f"background frames must be uint8 {list(want)} or {list(want[1:])}, "
+                f"got {background.dtype} {list(background.shape)}"
+            )
+        return np.broadcast_to(background, want).copy()
     rgb = np.asarray(background, dtype=np.int64)
     if rgb.shape != (3,) or rgb.min() < 0 or rgb.max() > 255:
         raise ValueError(f"background must be None, an (r, g, b) tuple in 0..255 or uint8 frames, got {background!r}")

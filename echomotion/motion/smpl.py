@@ -77,6 +77,8 @@ ROT_SLICE = slice(POS_SLICE.stop, POS_SLICE.stop + NUM_ROT_TOKENS * ROT_DIM)  # 
 SHAPE_SLICE = slice(ROT_SLICE.stop, ROT_SLICE.stop + NUM_SHAPE_TOKENS * SHAPE_DIM)  # 225:235
 MOTION_FEATURE_DIM = SHAPE_SLICE.stop  # 235
 
+ArrayLike = torch.Tensor | np.ndarray
+
 _NPZ_KEYS = ("betas", "global_orient", "body_pose", "transl", "joints")
 SMPL_PKL_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
 
@@ -105,7 +107,7 @@ def merge_features(pos: torch.Tensor, rot: torch.Tensor, shape: torch.Tensor) ->
     return torch.cat([pos.reshape(*lead, -1), rot.reshape(*lead, -1), shape.reshape(*lead, -1)], dim=-1)
 
 
-def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+def _as_tensor(x: ArrayLike) -> torch.Tensor:
     return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
 
 
@@ -185,10 +187,10 @@ class SMPLMotion:
     def from_params(
         cls,
         layer: "SMPLLayer",
-        betas: torch.Tensor,
-        global_orient: torch.Tensor,
-        body_pose: torch.Tensor,
-        transl: torch.Tensor,
+        betas: ArrayLike,
+        global_orient: ArrayLike,
+        body_pose: ArrayLike,
+        transl: ArrayLike,
         fps: float | None = None,
     ) -> "SMPLMotion":
         """Build a motion from SMPL parameters, computing the joints by forward kinematics."""
@@ -251,7 +253,9 @@ class SMPLLayer:
             ) from e
         missing = [k for k in SMPL_PKL_KEYS if k not in data]
         if missing:
-            raise ValueError(f"{path} is not an SMPL model pickle: missing keys {missing} (needs {list(SMPL_PKL_KEYS)})")
+            raise ValueError(
+                f"{path} is not an SMPL model pickle: missing keys {missing} (needs {list(SMPL_PKL_KEYS)})"
+            )
         self.model_path = path
         self.chunk_size = chunk_size
         self.dtype = dtype
@@ -279,15 +283,22 @@ class SMPLLayer:
         self._smpl.to(device)
         return self
 
-    def joints(self, betas, global_orient, body_pose, transl=None) -> torch.Tensor:
+    def joints(
+        self, betas: ArrayLike, global_orient: ArrayLike, body_pose: ArrayLike, transl: ArrayLike | None = None
+    ) -> torch.Tensor:
         """The 24 posed SMPL joints [F,24,3], transl included (smplx's extra vertex joints dropped)."""
         return self._run(betas, global_orient, body_pose, transl, vertices=False)
 
-    def vertices(self, betas, global_orient, body_pose, transl=None) -> torch.Tensor:
+    def vertices(
+        self, betas: ArrayLike, global_orient: ArrayLike, body_pose: ArrayLike, transl: ArrayLike | None = None
+    ) -> torch.Tensor:
         """Posed mesh vertices [F,6890,3], transl included."""
         return self._run(betas, global_orient, body_pose, transl, vertices=True)
 
-    def _run(self, betas, global_orient, body_pose, transl, *, vertices: bool) -> torch.Tensor:
+    def _run(
+        self, betas: ArrayLike, global_orient: ArrayLike, body_pose: ArrayLike, transl: ArrayLike | None, *,
+        vertices: bool,
+    ) -> torch.Tensor:
         kw = {"device": self.device, "dtype": self.dtype}
         global_orient = _as_tensor(global_orient).to(**kw)
         if global_orient.dim() != 2 or global_orient.shape[-1] != 3:
@@ -406,7 +417,7 @@ class MotionStats:
         return self.mean.shape[0]
 
     @classmethod
-    def compute(cls, chunks: Iterable[torch.Tensor | np.ndarray], min_std: float = 1e-2) -> "MotionStats":
+    def compute(cls, chunks: Iterable[ArrayLike], min_std: float = 1e-2) -> "MotionStats":
         """Stream over [..., D] chunks (e.g. one clip each) with Chan et al.'s parallel merge in float64."""
         if not min_std > 0:
             raise ValueError(f"min_std must be > 0, got {min_std}")

@@ -1,0 +1,1 @@
+"""HuMoVe data: shard schema, HuMoVe-mini, streaming."""

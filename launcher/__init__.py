@@ -1,0 +1,1 @@
+"""Multi-node launch, Kubernetes manifests and monitoring: see issue 6."""

@@ -1,0 +1,43 @@
+"""EchoMotion training system. Versions are the ones measured to work together on CPU (see ../shared/DESIGN.md)."""
+from setuptools import find_packages, setup
+
+CORE = [
+    # torch and torchvision first and exact: other ranges would pull a different multi-GB build.
+    "torch==2.14.1",
+    "torchvision==0.29.1",  # mosaicml-streaming's import needs a working torchvision
+    "numpy>=1.26,<2.2",  # mosaicml-streaming 0.13 caps numpy
+    "omegaconf==2.4.0",
+    "safetensors==0.8.0",
+    "smplx==0.1.28",
+    "mosaicml-streaming==0.13.0",
+    "deepspeed==0.19.8",
+    "megatron-core==0.16.1",
+    "prometheus-client==0.26.0",
+    "tqdm>=4.66",
+    "pillow>=10",
+    "imageio==2.38.1",
+    "imageio-ffmpeg==0.8.1",
+]
+
+EXTRAS = {
+    # CUDA-only: Transformer Engine FP8 and flash-attn varlen. Chosen at run time; never installed on CPU machines.
+    "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    # Test tools and the independent references the tests compare against (diffusers' Wan model).
+    "dev": [
+        "pytest==9.2.0",
+        "diffusers==0.39.0",
+        "huggingface-hub<1.0",  # diffusers 0.39 with hub >= 1.0 breaks streaming's transformers pin
+        "transformers>=4.40,<5",  # mosaicml-streaming 0.13 caps transformers
+    ],
+}
+
+setup(
+    name="echomotion",
+    version="0.1.0",
+    description="Training and sampling system for EchoMotion (joint human video + SMPL motion DiT on Wan2.1/2.2)",
+    python_requires=">=3.11",
+    packages=find_packages(include=["echomotion*", "parallel*", "launcher*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    include_package_data=True,
+)
