@@ -1,0 +1,244 @@
+"""Sampling: ODE solvers (Euler, Heun) over Wan's flow and the paper's classifier-free guidance, Eq. 4-6.
+
+Tasks and their guided velocities (u = the model, y = text, the null set = a dropped condition, omega1 = `text_guidance`,
+omega2 = `condition_guidance`):
+- "t2vm" (Eq. 4): o^v, o^m = u(x_t, m_t, null) + omega1 * (u(x_t, m_t, y) - u(x_t, m_t, null)); task hint JOINT.
+- "t2m" (Eq. 4 without video, Phase 1's mode): o^m = u(m_t, null) + omega1 * (u(m_t, y) - u(m_t, null)); task hint T2M.
+- "m2v" (Eq. 5): o^v = u(x_t, null, null) + omega1 * (u(x_t, m, y) - u(x_t, m, null))
+                       + omega2 * (u(x_t, m, null) - u(x_t, null, null)); task hint M2V.
+- "v2m" (Eq. 6): o^m = u(null, m_t, null) + omega2 * (u(x, m_t, null) - u(null, m_t, null)); task hint V2M. Text is never
+  used (it is always dropped in V2M training).
+A dropped text is the null (empty-prompt) embedding; a dropped modality keeps its tokens but hides them as keys (its mask
+False), exactly as in training. The conditioning modality enters clean (timestep 0) at every step and its output is
+discarded. All guidance passes of a step run as one batched model call, [cond; uncond; ...] along the batch.
+
+Noise levels follow `flow.sampling_sigmas`; an ODE step from sigma to sigma_next is x + (sigma_next - sigma) * v.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import SampleConfig
+from ..models.echomotion import Prediction, Task
+from ..motion.smpl import MOTION_FEATURE_DIM
+from .flow import NUM_TRAIN_TIMESTEPS, sampling_sigmas, to_timestep
+from .tasks import null_text_like
+
+TASKS = {"t2vm": Task.JOINT, "t2m": Task.T2M, "m2v": Task.M2V, "v2m": Task.V2M}
+GENERATED = {"t2vm": ("video", "motion"), "t2m": ("motion",), "m2v": ("video",), "v2m": ("motion",)}
+SOLVERS = ("euler", "heun")
+
+VelocityFn = Callable[[list[Tensor], float], list[Tensor]]
+
+
+def _check_task(task: str) -> Task:
+    if task not in TASKS:
+        raise ValueError(f"unknown sampling task {task!r}: choose one of {sorted(TASKS)}")
+    return TASKS[task]
+
+
+def _null_batch(null_text: Tensor, batch: int, device: torch.device) -> Tensor:
+    """The null text ([L, D], [1, L, D] or [B, L, D]) as [batch, L, D] on `device` (V2M has no text to shape it after)."""
+    null = null_text[None] if null_text.dim() == 2 else null_text
+    if null.dim() != 3 or null.shape[0] not in (1, batch):
+        raise ValueError(f"null_text has shape {tuple(null_text.shape)}; expected [L, D], [1, L, D] or [{batch}, L, D]")
+    return null.to(device).expand(batch, -1, -1)
+
+
+def _repeat(x: Optional[Tensor], n: int) -> Optional[Tensor]:
+    return None if x is None else torch.cat([x] * n)
+
+
+def guided_velocity(
+    model: nn.Module,
+    task: str,
+    video: Optional[Tensor],
+    motion: Optional[Tensor],
+    sigma: float,
+    text: Optional[Tensor],
+    null_text: Tensor,
+    *,
+    motion_mask: Optional[Tensor] = None,
+    text_guidance: float = SampleConfig.text_guidance,
+    condition_guidance: float = SampleConfig.condition_guidance,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> Prediction:
+    """The guided velocity of one step (Eq. 4-6), from one batched model call over the guidance passes.
+
+    `video` / `motion` are what the model sees: the noisy state at `sigma` for generated modalities, the clean data for the
+    condition (video None for "t2m"). `motion_mask` [B, F] marks real motion frames (None = all real). Returns
+    Prediction with the velocity of each generated modality and None for the others.
+    """
+    hint = _check_task(task)
+    if motion is None:
+        raise ValueError(f"task {task!r} needs motion: the noisy motion state, or the clean motion condition for 'm2v'")
+    if task != "t2m" and video is None:
+        raise ValueError(f"task {task!r} needs video: the noisy video state, or the clean video condition for 'v2m'")
+    if task != "v2m" and text is None:
+        raise ValueError(f"task {task!r} needs text embeddings [B, L, D]; only 'v2m' runs without text")
+    b, device = motion.shape[0], motion.device
+    dtype = next(model.parameters()).dtype
+    null = _null_batch(null_text, b, device) if task == "v2m" else null_text_like(null_text, text)
+    real = torch.ones(motion.shape[:2], dtype=torch.bool, device=device) if motion_mask is None else motion_mask.bool()
+    no_motion = torch.zeros_like(real)
+
+    video_masks: Optional[list[Tensor]] = None
+    if task == "t2vm" or task == "t2m":
+        texts, motion_masks = [text, null], [real, real]
+    elif task == "m2v":
+        texts, motion_masks = [text, null, null], [real, real, no_motion]
+    else:  # v2m: [(x, m_t, null); (null video, m_t, null)]
+        texts, motion_masks = [null, null], [real, real]
+        video_masks = [torch.ones(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.bool, device=device)]
+    n = len(texts)
+
+    noisy = to_timestep(torch.full((n * b,), float(sigma), device=device), num_train_timesteps)
+    clean = torch.zeros_like(noisy)
+    out = model(
+        video=_repeat(video, n).to(dtype) if video is not None else None,
+        video_timestep=(clean if task == "v2m" else noisy) if video is not None else None,
+        video_mask=torch.cat(video_masks) if video_masks is not None else None,
+        motion=_repeat(motion, n).to(dtype),
+        motion_timestep=clean if task == "m2v" else noisy,
+        motion_mask=None if motion_mask is None and task != "m2v" else torch.cat(motion_masks),
+        text=torch.cat(texts).to(dtype),
+        task=torch.full((n * b,), int(hint), dtype=torch.long, device=device),
+    )
+    w1, w2 = text_guidance, condition_guidance
+
+    def text_cfg(u: tuple[Tensor, ...]) -> Tensor:  # Eq. 4: passes [(.., y); (.., null)]
+        return u[1] + w1 * (u[0] - u[1])
+
+    if task in ("t2vm", "t2m"):
+        return Prediction(text_cfg(out.video.split(b)) if task == "t2vm" else None, text_cfg(out.motion.split(b)))
+    if task == "m2v":
+        u = out.video.split(b)
+        return Prediction(u[2] + w1 * (u[0] - u[1]) + w2 * (u[1] - u[2]), None)  # Eq. 5
+    u = out.motion.split(b)
+    return Prediction(None, u[1] + w2 * (u[0] - u[1]))  # Eq. 6
+
+
+def integrate(
+    velocity: VelocityFn, x: Sequence[Tensor], sigmas: Tensor, solver: str = "euler", progress: bool = False
+) -> list[Tensor]:
+    """Solve dx/dsigma = velocity(x, sigma) along `sigmas` (decreasing, ending at 0) for a list of tensors.
+
+    "euler": x + (s' - s) * v(x, s), one velocity call per step. "heun": Euler predictor, then the trapezoid corrector
+    with v at the predicted point; as in EDM's sampler the corrector is skipped on the final step to sigma = 0, so the
+    model is never queried at sigma = 0 (2 * steps - 1 calls). With a large shift that last step is long (0.14 of the
+    range at 50 steps, shift 8) and its first-order error dominates Heun's.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
+    x = list(x)
+    pairs = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist()))
+    if progress:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, desc=f"sampling ({solver})")
+    for s, s_next in pairs:
+        dt = s_next - s
+        v = velocity(x, s)
+        predicted = [xi + dt * vi for xi, vi in zip(x, v)]
+        if solver == "euler" or s_next == 0:
+            x = predicted
+        else:
+            v_next = velocity(predicted, s_next)
+            x = [xi + dt * 0.5 * (vi + vn) for xi, vi, vn in zip(x, v, v_next)]
+    return x
+
+
+def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    task: str,
+    text: Optional[Tensor],
+    null_text: Tensor,
+    *,
+    video_shape: Optional[Sequence[int]] = None,
+    motion_frames: Optional[int] = None,
+    video_cond: Optional[Tensor] = None,
+    motion_cond: Optional[Tensor] = None,
+    motion_mask: Optional[Tensor] = None,
+    steps: int = SampleConfig.steps,
+    shift: float = SampleConfig.shift,
+    solver: str = SampleConfig.solver,
+    text_guidance: float = SampleConfig.text_guidance,
+    condition_guidance: float = SampleConfig.condition_guidance,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Generate with guidance; returns (video latents or None, motion features or None): only generated modalities.
+
+    Per task: "t2vm" needs text, video_shape [B, C, F, H, W] and motion_frames; "t2m" text and motion_frames; "m2v" text,
+    motion_cond [B, F, 235] and video_shape; "v2m" video_cond [B, C, F, H, W] and motion_frames (text is ignored: V2M is
+    never text-conditioned). `motion_mask` [B, F] marks real motion frames (of the condition, or of the generated motion;
+    frames outside it are hidden and come back as unconstrained values to trim). The state is integrated in float32;
+    model inputs are cast to the model's parameter dtype. Noise is drawn from `generator`, video before motion. The model
+    is used as given (put it in eval mode first).
+    """
+    _check_task(task)
+    if task == "v2m":
+        if video_cond is None:
+            raise ValueError("task 'v2m' needs video_cond, the clean video latents [B, C, F, H, W]")
+        ref = video_cond
+    else:
+        if text is None:
+            raise ValueError(f"task {task!r} needs text embeddings [B, L, D] (and null_text for guidance)")
+        ref = text
+    b, device = ref.shape[0], ref.device
+    if task == "m2v":
+        if motion_cond is None:
+            raise ValueError("task 'm2v' needs motion_cond, the clean normalized motion [B, F, 235]")
+        if motion_frames is not None and motion_frames != motion_cond.shape[1]:
+            raise ValueError(f"motion_frames={motion_frames} but motion_cond has {motion_cond.shape[1]} frames; drop one")
+        motion_frames = motion_cond.shape[1]
+    if "motion" in GENERATED[task] and motion_frames is None:
+        raise ValueError(f"task {task!r} generates motion: pass motion_frames (one motion frame per video frame)")
+    if "video" in GENERATED[task]:
+        if video_shape is None or len(video_shape) != 5 or video_shape[0] != b:
+            raise ValueError(f"task {task!r} generates video: pass video_shape as [B={b}, C, F, H, W] (latent shape)")
+    for name, given, allowed in (("video_cond", video_cond, task == "v2m"), ("motion_cond", motion_cond, task == "m2v")):
+        if given is not None and not allowed:
+            raise ValueError(f"{name} is only used by task {'v2m' if name == 'video_cond' else 'm2v'}, not {task!r}")
+    if motion_mask is not None and motion_mask.shape != (b, motion_frames):
+        raise ValueError(f"motion_mask has shape {tuple(motion_mask.shape)}; expected [{b}, {motion_frames}]")
+
+    generated = GENERATED[task]
+    state: list[Tensor] = []
+    if "video" in generated:
+        state.append(_randn(video_shape, generator, device))
+    if "motion" in generated:
+        state.append(_randn((b, motion_frames, MOTION_FEATURE_DIM), generator, device))
+
+    conditions = {name: c.float() for name, c in (("video", video_cond), ("motion", motion_cond)) if c is not None}
+
+    def velocity(x: list[Tensor], sigma: float) -> list[Tensor]:
+        current = {**conditions, **dict(zip(generated, x))}
+        video, motion = current.get("video"), current.get("motion")
+        out = guided_velocity(
+            model,
+            task,
+            video,
+            motion,
+            sigma,
+            text,
+            null_text,
+            motion_mask=motion_mask,
+            text_guidance=text_guidance,
+            condition_guidance=condition_guidance,
+            num_train_timesteps=num_train_timesteps,
+        )
+        return [out.video if name == "video" else out.motion for name in generated]
+
+    final = dict(zip(generated, integrate(velocity, state, sampling_sigmas(steps, shift), solver, progress)))
+    return final.get("video"), final.get("motion")
