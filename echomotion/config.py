@@ -5,6 +5,7 @@ validation and the same actionable errors.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -89,10 +90,77 @@ class SampleConfig:
 
 
 @dataclass
+class DataConfig:
+    """HuMoVe MDS shards streamed with mosaicml-streaming (echomotion/data/streaming.py; docs/data.md).
+
+    Each stream holds one latent shape (one shape bucket); batches never mix streams, so every batch has one shape.
+    """
+
+    path: Optional[str] = None  # the main (paired) stream: a local folder or s3://bucket/prefix holding index.json
+    motion_only_path: Optional[str] = None  # optional second stream of motion-only samples (has_video = 0)
+    proportions: Optional[list[float]] = None  # [main, motion_only] sampling weights; None = every sample once an epoch
+    epoch_size: Optional[int] = None  # samples per epoch over all streams; None = the streams' natural size
+    cache_dir: Optional[str] = None  # local shard cache, unique per run; None = the run's own (train passes run_dir)
+    cache_limit: Optional[str] = None  # e.g. "200gb": evict the coldest shards beyond this; None = keep everything
+    batch_size: int = 1  # per rank (per replication group: TP x SP ranks share each sample)
+    num_workers: int = 4
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
+    shuffle: bool = True
+    shuffle_seed: int = 9176
+    shuffle_algo: str = "py1e"
+    shuffle_block_size: Optional[int] = None  # None = streaming's default (max(4M / canonical nodes, 2^18))
+    num_canonical_nodes: Optional[int] = None  # fix it to resume on a different node count with the same order
+    predownload: Optional[int] = None  # samples to fetch ahead per worker; None = 8 x batch_size
+    download_retry: int = 8  # retries of a transient object-store failure (connection, timeout, 5xx) per file
+    retry_base_delay: float = 1.0  # seconds before the first retry; doubles each time
+    retry_max_delay: float = 30.0
+    download_timeout: float = 120.0  # seconds one shard download may take
+    validate_hash: Optional[str] = None  # e.g. "xxh3_64": check each shard against index.json (writer must store hashes)
+    text_len: Optional[int] = None  # text tokens per sample after padding/truncation; None = model.text_len
+    sp_multiple: int = 1  # pad motion so its token count (frames x 51) is a multiple of this (the sequence-parallel size)
+    null_text_path: Optional[str] = None  # the empty prompt's embedding [L, text_dim]; None = <path>/null_text.pt
+    stats_path: Optional[str] = None  # motion normalization stats; None = <path>/motion_stats.json
+    clean_stale_shm: bool = True  # unlink streaming's leftover shared memory at start (one job per node)
+
+
+@dataclass
+class TrainConfig:
+    """The training job (echomotion/train.py). Paper defaults: AdamW, lr 8e-6, weight decay 1e-3."""
+
+    run_dir: str = "runs/default"
+    phase: int = 1  # 1: motion-only pretraining (video expert frozen and absent); 2: motion-video multi-task
+    steps: int = 15000
+    seed: int = 0
+    resume: str = "auto"  # "auto": newest complete checkpoint in run_dir, if any; "never"; or a checkpoint folder
+    init_wan: Optional[str] = None  # pretrained Wan checkpoint (original or diffusers layout) for a fresh run
+    init_from: Optional[str] = None  # a checkpoint folder or exported .safetensors to start from (Phase 2 <- Phase 1)
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    log_every: int = 1
+    lr: float = 8e-6
+    weight_decay: float = 1e-3
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" | "cosine" | "linear" (after warmup, down to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.0  # 0 = no EMA copy
+    max_nan_streak: int = 10  # stop after this many skipped (NaN/Inf) steps in a row
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast on CUDA; modulation, norms and RoPE stay fp32)
+    metrics_port: int = 0  # Prometheus exporter port on rank 0 (rank r uses port + r); 0 = off
+    metrics_addr: str = "0.0.0.0"
+    peak_flops: float = 0.0  # per device, for MFU; 0 = look up the GPU (H100: 989e12), none on CPU
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -212,5 +280,73 @@ def validate(cfg: Config) -> None:
         problems.append(f"sample.solver={s.solver!r}: choose 'euler' or 'heun'")
     if s.shift <= 0:
         problems.append(f"sample.shift={s.shift} must be > 0")
+    problems += _data_problems(cfg.data)
+    problems += _train_problems(cfg.train)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+_SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")
+_BYTES = re.compile(r"^\d+(\.\d+)?\s*(b|kb|mb|gb|tb|pb)$", re.IGNORECASE)
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    problems = []
+    if d.proportions is not None:
+        if d.motion_only_path is None:
+            problems.append("data.proportions weighs the main and motion-only streams; set data.motion_only_path or drop it")
+        if len(d.proportions) != 2 or min(d.proportions) < 0 or sum(d.proportions) <= 0:
+            problems.append(f"data.proportions={list(d.proportions)} must be two non-negative weights [main, motion_only], not both 0")
+    if d.motion_only_path is not None and d.path is None:
+        problems.append("data.motion_only_path is set but data.path (the main stream, which holds motion_stats.json) is not")
+    for key in ("batch_size", "prefetch_factor", "sp_multiple"):
+        if getattr(d, key) < 1:
+            problems.append(f"data.{key}={getattr(d, key)} must be >= 1")
+    for key in ("epoch_size", "shuffle_block_size", "num_canonical_nodes", "predownload", "text_len"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            problems.append(f"data.{key}={getattr(d, key)} must be >= 1 (or null for the default)")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers={d.num_workers} must be >= 0")
+    if d.download_retry < 0:
+        problems.append(f"data.download_retry={d.download_retry} must be >= 0")
+    if not 0 < d.retry_base_delay <= d.retry_max_delay:
+        problems.append(
+            f"data.retry_base_delay={d.retry_base_delay} and data.retry_max_delay={d.retry_max_delay} must satisfy 0 < base <= max"
+        )
+    if d.download_timeout <= 0:
+        problems.append(f"data.download_timeout={d.download_timeout} must be > 0 seconds")
+    if d.shuffle_algo not in _SHUFFLE_ALGOS:
+        problems.append(f"data.shuffle_algo={d.shuffle_algo!r}: choose one of {', '.join(_SHUFFLE_ALGOS)}")
+    if d.shuffle_seed < 0:
+        problems.append(f"data.shuffle_seed={d.shuffle_seed} must be >= 0")
+    if d.cache_limit is not None and not _BYTES.match(d.cache_limit.strip()):
+        problems.append(f"data.cache_limit={d.cache_limit!r} must be a size like '500mb' or '200gb' (or null for no limit)")
+    return problems
+
+
+def _train_problems(t: TrainConfig) -> list[str]:
+    problems = []
+    if t.phase not in (1, 2):
+        problems.append(f"train.phase={t.phase}: choose 1 (motion-only pretraining) or 2 (motion-video multi-task)")
+    for key in ("steps", "checkpoint_every", "log_every", "grad_accum", "max_nan_streak"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key}={getattr(t, key)} must be >= 1")
+    if t.keep_last < 0:
+        problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    if t.lr <= 0 or t.weight_decay < 0 or t.warmup_steps < 0 or t.grad_clip < 0:
+        problems.append("train.lr must be > 0 and train.weight_decay, train.warmup_steps, train.grad_clip >= 0")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        problems.append(f"train.adam_betas={list(t.adam_betas)} must be two numbers in [0, 1)")
+    if t.schedule not in ("constant", "cosine", "linear"):
+        problems.append(f"train.schedule={t.schedule!r}: choose 'constant', 'cosine' or 'linear'")
+    if not 0 <= t.min_lr_ratio <= 1:
+        problems.append(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if not 0 <= t.ema_decay < 1:
+        problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off)")
+    if t.precision not in ("fp32", "bf16"):
+        problems.append(f"train.precision={t.precision!r}: choose 'fp32' or 'bf16'")
+    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
+        problems.append(f"train.resume={t.resume!r} is neither 'auto', 'never' nor an existing checkpoint folder")
+    if t.init_wan and t.init_from:
+        problems.append("set only one of train.init_wan (pretrained Wan) and train.init_from (an EchoMotion checkpoint)")
+    return problems

@@ -1,0 +1,141 @@
+"""What a run reports: `metrics.jsonl`, a Prometheus exporter with the same numbers, and the FLOPs model behind MFU.
+
+FLOPs (forward, per sample) are counted analytically from the config: every matmul is 2·m·n·k. Per layer, for each
+modality stream with L_s tokens that has an expert in that layer: q/k/v/o 8·D²·L_s, cross-attention q/o 4·D²·L_s and k/v
+over the text 4·D²·L_t, FFN 4·D·F·L_s, cross-attention scores and values 4·L_s·L_t·D; plus the joint self-attention scores
+and values 4·L²·D over all L = L_v + L_m tokens of the layer. Embeddings, heads and the motion MLPs are added. Training
+costs 3× the forward (backward ≈ 2× forward; frozen Phase 1 weights still back-propagate activations, so this is kept).
+MFU = training FLOPs per second / (peak FLOPs per device × devices).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ModelConfig, dual_layer_indices
+from .motion.smpl import MOTION_TOKENS_PER_FRAME, POS_DIM, ROT_DIM, SHAPE_DIM, NUM_POS_TOKENS, NUM_ROT_TOKENS
+
+# Dense bf16 peak per device, for MFU (torchtitan's table).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2.25e15}
+
+
+def forward_flops(m: ModelConfig, video_tokens: int, motion_tokens: int, text_tokens: int) -> float:
+    """Forward FLOPs of one sample (see the module docstring for the formula)."""
+    d, f = m.dim, m.ffn_dim
+    dual = set(dual_layer_indices(m))
+    total = 0.0
+    for layer in range(m.num_layers):
+        streams = [video_tokens] + ([motion_tokens] if layer in dual else [])
+        streams = [s for s in streams if s > 0]
+        for ls in streams:
+            total += 8 * d * d * ls + 4 * d * d * ls + 4 * d * d * text_tokens + 4 * d * f * ls + 4 * ls * text_tokens * d
+        joint = sum(streams)
+        total += 4 * joint * joint * d
+    patch = m.patch_size[0] * m.patch_size[1] * m.patch_size[2]
+    hidden = m.motion.mlp_hidden or d
+    total += 2 * video_tokens * d * (m.in_channels * patch + m.out_channels * patch)  # patch embedding + head
+    total += 2 * text_tokens * (m.text_dim * d + d * d)  # text embedding
+    if motion_tokens:
+        frames = motion_tokens / MOTION_TOKENS_PER_FRAME
+        per_frame_in = NUM_POS_TOKENS * POS_DIM + NUM_ROT_TOKENS * ROT_DIM + SHAPE_DIM
+        total += 2 * 2 * frames * (per_frame_in * hidden + MOTION_TOKENS_PER_FRAME * hidden * d)  # in + out MLPs
+    return total
+
+
+def training_flops(m: ModelConfig, video_tokens: int, motion_tokens: int, text_tokens: int) -> float:
+    return 3.0 * forward_flops(m, video_tokens, motion_tokens, text_tokens)
+
+
+def peak_flops_per_device(configured: float) -> Optional[float]:
+    """The configured peak, else the table's value for the visible GPU; None on CPU (MFU is then not reported)."""
+    if configured > 0:
+        return configured
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl` written by rank 0; on resume, lines past the resumed step are dropped so the file
+    describes exactly the steps the model state contains."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+class PrometheusExporter:
+    """prometheus-client series with the `echomotion_` prefix; job-level series on rank 0, per-rank ones labelled `rank`.
+
+    Names and labels are documented in docs/operations.md (issue 6 adds dashboards and alerts on top of them).
+    """
+
+    def __init__(self, port: int, rank: int, addr: str = "0.0.0.0"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+        self.rank = str(rank)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.loss = Gauge("echomotion_loss", "Training loss of the last logged step", ["task", "modality"], registry=r)
+        self.grad_norm = Gauge("echomotion_grad_norm", "Global gradient norm before clipping", registry=r)
+        self.lr = Gauge("echomotion_learning_rate", "Learning rate", registry=r)
+        self.step = Gauge("echomotion_step", "Last finished optimizer step", registry=r)
+        self.samples_per_s = Gauge("echomotion_samples_per_second", "Global training samples per second", registry=r)
+        self.tokens_per_s = Gauge("echomotion_tokens_per_second", "Global training tokens per second", registry=r)
+        self.mfu = Gauge("echomotion_mfu", "Model FLOPs utilization (0..1)", registry=r)
+        self.step_time = Histogram(
+            "echomotion_step_time_seconds", "Wall time of one optimizer step", ["rank"], registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+        )
+        self.data_wait = Gauge("echomotion_data_wait_seconds", "Time the last step waited for data", ["rank"], registry=r)
+        self.skipped = Counter("echomotion_skipped_steps", "Steps skipped for NaN/Inf loss or gradient", registry=r)
+        self.ckpt_seconds = Gauge("echomotion_checkpoint_save_seconds", "Duration of the last checkpoint save", registry=r)
+        self.ckpt_last = Gauge("echomotion_checkpoint_last_success_timestamp_seconds", "Unix time of the last complete checkpoint", registry=r)
+        self.memory = Gauge("echomotion_memory_max_allocated_bytes", "Peak accelerator (or process RSS) memory", ["rank"], registry=r)
+        self.restarts = Counter("echomotion_restarts", "Times this run resumed from a checkpoint", registry=r)
+        self.collective_bytes = Gauge("echomotion_collective_bytes_per_step", "Collective bytes per step", ["kind"], registry=r)
+        start_http_server(port, addr=addr, registry=r)
+
+    def observe_step(self, rec: dict[str, Any], job_level: bool) -> None:
+        self.step_time.labels(self.rank).observe(rec["step_time"])
+        self.data_wait.labels(self.rank).set(rec["data_wait"])
+        if rec.get("memory_bytes") is not None:
+            self.memory.labels(self.rank).set(rec["memory_bytes"])
+        if not job_level:
+            return
+        self.step.set(rec["step"])
+        if rec.get("loss") is not None:
+            self.loss.labels("all", "all").set(rec["loss"])
+        for key, value in rec.items():
+            if key.startswith("loss/") and value is not None:
+                _, task, modality = key.split("/")
+                self.loss.labels(task, modality).set(value)
+        for key, gauge in (("grad_norm", self.grad_norm), ("lr", self.lr), ("samples_per_s", self.samples_per_s),
+                           ("tokens_per_s", self.tokens_per_s), ("mfu", self.mfu)):
+            if rec.get(key) is not None:
+                gauge.set(rec[key])

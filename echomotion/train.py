@@ -1,0 +1,370 @@
+"""Training entry point.
+
+    torchrun --nproc_per_node=N -m echomotion.train --config configs/tiny.yaml [key=value ...]
+
+Phase 1 trains only the motion experts, motion tokenizer/decoder and task hint on motion-only sequences (the video expert is
+frozen and gets no tokens); Phase 2 trains everything on per-sample joint / motion->video / video->motion tasks. A run
+resumes from its newest complete checkpoint by default (`train.resume=auto`); SIGTERM saves a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import CheckpointManager, load_model_weights
+from .config import Config, load_config, to_yaml
+from .data.streaming import Batch, build_dataloader
+from .diffusion.tasks import TrainingBatch, training_loss
+from .distributed import DistEnv, all_reduce_mean, any_rank, init_distributed, shutdown
+from .metrics import MetricsLog, PrometheusExporter, peak_flops_per_device, training_flops
+from .models import EchoMotionDiT, is_motion_parameter
+from .motion.smpl import MOTION_TOKENS_PER_FRAME
+
+NAN_FAULT_ENV = "ECHOMOTION_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose loss is replaced by NaN
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and what to change."""
+
+
+def sample_generator(seed: int, step: int, micro: int, clip_id: str) -> torch.Generator:
+    """A sample's draws (task, drops, sigma, noise) depend only on (seed, step, micro-batch, clip id), never on which rank
+    holds the sample, so every parallel layout and a resumed run draw the same."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{clip_id}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def build_model(cfg: Config) -> EchoMotionDiT:
+    """Fresh (seeded), from pretrained Wan, or from an EchoMotion checkpoint / export (Phase 2 <- Phase 1)."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    if t.init_wan:
+        model = EchoMotionDiT.from_wan(t.init_wan, config=cfg.model)
+    else:
+        model = EchoMotionDiT(cfg.model)
+    if t.init_from:
+        src = Path(t.init_from)
+        if src.suffix == ".safetensors":
+            from .export import load_exported
+
+            loaded, _ = load_exported(src)
+            model.load_state_dict(loaded.state_dict())
+        elif (src / "meta.json").exists():
+            load_model_weights(src, model)
+        else:
+            raise TrainingError(f"train.init_from={src} is neither an exported .safetensors nor a complete checkpoint folder")
+    if t.phase == 1:
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_motion_parameter(name))
+    return model
+
+
+def lr_factor(step: int, t: Any) -> float:
+    """Linear warmup, then constant / cosine / linear decay to min_lr_ratio (step counts from 1)."""
+    if t.warmup_steps and step <= t.warmup_steps:
+        return step / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_null_text(cfg: Config) -> torch.Tensor:
+    """The empty prompt's embedding, written next to the shards by the data tools."""
+    path = Path(cfg.data.null_text_path or Path(str(cfg.data.path)) / "null_text.pt")
+    if str(cfg.data.path).startswith("s3://") and cfg.data.null_text_path is None:
+        raise TrainingError("data.path is remote: copy null_text.pt locally and set data.null_text_path")
+    if not path.exists():
+        raise TrainingError(f"{path} not found: the dataset tools write it; or set data.null_text_path")
+    null = torch.load(path, weights_only=True).float()
+    length = cfg.data.text_len or cfg.model.text_len
+    padded = null.new_zeros(length, null.shape[-1])  # padded like the batch's text: zeros, unmasked (Wan's convention)
+    padded[: min(length, null.shape[0])] = null[:length]
+    return padded
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        self.run_dir = Path(t.run_dir)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if t.precision == "bf16" and env.device.type != "cuda":
+            raise TrainingError("train.precision=bf16 uses CUDA autocast; on CPU use train.precision=fp32")
+
+        self.model = build_model(cfg).to(env.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.net: nn.Module = self.model
+        if env.world_size > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, t))
+        self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if t.ema_decay > 0 else None
+        self.ckpt = CheckpointManager(self.run_dir, t.keep_last, env.rank)
+        self.null_text = load_null_text(cfg).to(env.device)
+        self.dataset, self.loader = build_dataloader(
+            cfg, rank=env.rank, world_size=env.world_size, cache_dir=self.run_dir / "data_cache"
+        )
+        self.step, self.skipped, self.nan_streak, self.restarts = 0, 0, 0, 0
+        self._resume()
+        self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step)
+        self.exporter = PrometheusExporter(t.metrics_port + env.rank, env.rank, t.metrics_addr) if t.metrics_port else None
+        if self.exporter and self.restarts:
+            self.exporter.restarts.inc(self.restarts)
+        self.peak = peak_flops_per_device(t.peak_flops)
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        mode = self.cfg.train.resume
+        path = None if mode == "never" else (self.ckpt.latest() if mode == "auto" else Path(mode))
+        if path is None:
+            return
+        meta, extra = self.ckpt.load(path, self.model, self.optimizer, self.ema)
+        self.step = meta["step"]
+        if extra is not None:
+            self.scheduler.load_state_dict(extra["scheduler"])
+            self.loader.load_state_dict(extra["loader"])
+            set_rng_state(extra["rng"])
+            self.skipped, self.nan_streak = extra["skipped"], extra["nan_streak"]
+        else:  # written by a different world size: rebuild what is not per-rank
+            self.scheduler.last_epoch = self.step
+            self.loader.load_state_dict(meta["loader"])
+        self.restarts = meta.get("restarts", 0) + 1
+        if self.env.is_main:
+            print(f"[echomotion] resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> None:
+        t0 = time.time()
+        loader_state = self.loader.state_dict()
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "loader": loader_state,
+            "rng": rng_state(),
+            "skipped": self.skipped,
+            "nan_streak": self.nan_streak,
+        }
+        from omegaconf import OmegaConf
+
+        meta = {
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "world_size": self.env.world_size,
+            "loader": loader_state,
+            "has_ema": self.ema is not None,
+            "restarts": self.restarts,
+        }
+        self.ckpt.save(self.step, self.model, self.optimizer, extra, meta, self.ema)
+        if self.exporter:
+            self.exporter.ckpt_seconds.set(time.time() - t0)
+            self.exporter.ckpt_last.set(time.time())
+
+    # --------------------------------------------------------------------------------------------------- training
+    def _batches(self):
+        while True:
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise TrainingError(f"the data loader yielded nothing: check data.path={self.cfg.data.path} holds samples")
+
+    def _micro_step(self, batch: Batch, micro: int, last: bool) -> tuple[float, dict[str, float]]:
+        t, dev = self.cfg.train, self.env.device
+        tb = TrainingBatch(
+            text=batch.text.to(dev, torch.float32),
+            motion=batch.motion.to(dev),
+            motion_mask=batch.motion_mask.to(dev),
+            video=None if batch.video is None else batch.video.to(dev, torch.float32),
+        )
+        gens = [sample_generator(t.seed, self.step + 1, micro, cid) for cid in batch.clip_ids]
+        sync = last or not isinstance(self.net, DistributedDataParallel)
+        ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        with ctx, autocast:
+            loss, logs = training_loss(self.net, tb, t.phase, self.cfg.diffusion, self.null_text, gens)
+            if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
+                loss = loss * float("nan")
+            (loss / t.grad_accum).backward()
+        return float(loss.detach()), logs
+
+    def train_step(self, batches) -> dict[str, Any]:
+        t, env = self.cfg.train, self.env
+        t0 = time.perf_counter()
+        wait, losses, logs, samples, tokens = 0.0, [], {}, 0, 0
+        for micro in range(t.grad_accum):
+            w0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - w0
+            loss, micro_logs = self._micro_step(batch, micro, micro == t.grad_accum - 1)
+            losses.append(loss)
+            for k, v in micro_logs.items():
+                logs.setdefault(k, []).append(v)
+            samples += len(batch)
+            tokens += self._tokens(batch)
+        self.step += 1
+        loss = all_reduce_mean([sum(losses) / len(losses)], env.world_size, env.device)[0]
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.nan_streak += 1
+            if self.exporter:
+                self.exporter.skipped.inc()
+            if self.nan_streak >= t.max_nan_streak:
+                raise TrainingError(
+                    f"{self.nan_streak} steps in a row had a NaN/Inf loss or gradient (last at step {self.step}); stopping. "
+                    "Lower train.lr, check the data, or resume from an earlier checkpoint with train.resume=<folder>"
+                )
+        else:
+            self.nan_streak = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._update_ema()
+        self.scheduler.step()
+        step_time = time.perf_counter() - t0
+        rec: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            **self._mean_logs(logs),
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_s": samples * env.world_size / step_time,
+            "tokens_per_s": tokens * env.world_size / step_time,
+            "step_time": step_time,
+            "data_wait": wait,
+            "skipped_steps": self.skipped,
+            "memory_bytes": torch.cuda.max_memory_allocated() if env.device.type == "cuda" else None,
+        }
+        rec["mfu"] = self._mfu(batch, rec["samples_per_s"])
+        return rec
+
+    def _tokens(self, batch: Batch) -> int:
+        per = batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME
+        if batch.video is not None and self.cfg.train.phase == 2:
+            p = self.cfg.model.patch_size
+            per += math.prod(batch.video.shape[2:]) // (p[0] * p[1] * p[2])
+        return per * len(batch)
+
+    def _mfu(self, batch: Batch, samples_per_s: float) -> Optional[float]:
+        if self.peak is None:
+            return None
+        p = self.cfg.model.patch_size
+        video = math.prod(batch.video.shape[2:]) // (p[0] * p[1] * p[2]) if batch.video is not None and self.cfg.train.phase == 2 else 0
+        flops = training_flops(self.cfg.model, video, batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME, batch.text.shape[1])
+        return flops * samples_per_s / (self.peak * self.env.world_size)
+
+    def _mean_logs(self, logs: dict[str, list[float]]) -> dict[str, float]:
+        """Per-task / per-modality losses averaged over micro-batches and over the ranks that saw that task."""
+        keys = sorted(k for k in logs if k.startswith("loss/"))
+        local = {k: sum(v) / len(v) for k, v in logs.items() if k in keys}
+        if self.env.world_size == 1:
+            return local
+        import torch.distributed as dist
+
+        gathered: list[dict[str, float]] = [{} for _ in range(self.env.world_size)]
+        dist.all_gather_object(gathered, local)
+        out: dict[str, float] = {}
+        for k in sorted({k for g in gathered for k in g}):
+            vals = [g[k] for g in gathered if k in g]
+            out[k] = sum(vals) / len(vals)
+        return out
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.train.ema_decay
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                self.ema[n].lerp_(p.detach(), 1 - d)
+
+    def run(self) -> None:
+        t, env = self.cfg.train, self.env
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        batches = self._batches()
+        bar = None
+        if env.is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc=f"phase {t.phase}", dynamic_ncols=True, file=sys.stdout)
+        saved_at = self.step
+        while self.step < t.steps:
+            rec = self.train_step(batches)
+            if self.exporter:
+                self.exporter.observe_step(rec, job_level=env.is_main)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                self.log.write(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            stop = any_rank(self.stop_requested, env.world_size, env.device)
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps or stop:
+                self.save()
+                saved_at = self.step
+            if stop:
+                if env.is_main:
+                    print(f"[echomotion] SIGTERM: saved step {self.step}, exiting", flush=True)
+                break
+        if saved_at != self.step:
+            self.save()
+        if bar is not None:
+            bar.close()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train EchoMotion (run under torchrun or the deepspeed launcher for >1 process)")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.steps=100 data.path=s3://bucket/humove")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    env = init_distributed()
+    try:
+        Trainer(cfg, env).run()
+        print(f"rank {env.rank} done", flush=True)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The trainer end to end on HuMoVe-mini: exact resume after SIGKILL (2 ranks, gloo), crash-safe saves, phases,
+SIGTERM, NaN skipping, export."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from echomotion.checkpoint import CheckpointManager, load_model_weights
+from echomotion.config import load_config
+from echomotion.data.synthetic import generate_humove_mini
+from echomotion.diffusion.sampler import sample
+from echomotion.distributed import DistEnv
+from echomotion.export import export_checkpoint, load_exported
+from echomotion.metrics import read_metrics
+from echomotion.models import EchoMotionDiT, is_motion_parameter
+from echomotion.train import Trainer, build_model
+from tests.s3_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def humove(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("humove") / "mini"
+    generate_humove_mini(out, clips=24, seed=0, num_frames=9, heldout_fraction=0.1, progress=False)
+    return out
+
+
+def overrides(humove: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"data.path={humove / 'train'}",
+        f"data.stats_path={humove / 'motion_stats.json'}",
+        f"data.null_text_path={humove / 'null_text.pt'}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        f"train.run_dir={run_dir}",
+        "train.progress=false",
+        "model.num_layers=1",
+        *extra,
+    ]
+
+
+def launch(nproc: int, args: list[str], env: Optional[dict] = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "echomotion.train",
+           "--config", str(ROOT / "configs/tiny.yaml"), *args]
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
+    return subprocess.Popen(cmd, env=child_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, nproc: int, timeout: float = 300) -> str:
+    """Wait; pass when every rank printed its done line (gloo may abort at exit after that, see DESIGN.md)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"training timed out:\n{out[-5000:]}") from None
+    for r in range(nproc):
+        assert f"rank {r} done" in out, f"rank {r} did not finish (exit {proc.returncode}):\n{out[-5000:]}"
+    return out
+
+
+def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before the kill point:\n{proc.communicate()[0][-5000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("kill point never reached")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+def logged_step(run_dir: Path, step: int) -> Callable[[], bool]:
+    return lambda: step in losses(run_dir)
+
+
+@pytest.fixture(scope="module")
+def straight(humove: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """8 uninterrupted Phase 2 steps on 2 ranks: the reference every interrupted run must reproduce bit for bit."""
+    run = tmp_path_factory.mktemp("straight")
+    finish(launch(2, overrides(humove, run, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")), 2)
+    ref = losses(run)
+    assert sorted(ref) == list(range(1, 9))
+    return ref
+
+
+@pytest.mark.parametrize("kill_point", ["after_step_3", "after_checkpoint_4"])
+def test_resume_after_sigkill_is_bit_exact(humove: Path, tmp_path: Path, straight: dict[int, float], kill_point: str) -> None:
+    args = overrides(humove, tmp_path, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")
+    first = launch(2, args)
+    if kill_point == "after_step_3":
+        kill_when(first, logged_step(tmp_path, 3))
+    else:
+        kill_when(first, lambda: (tmp_path / "checkpoints/step-00000004/meta.json").exists())
+    resumed_from = CheckpointManager(tmp_path, 3, 0).latest()
+    assert resumed_from is not None
+    out = finish(launch(2, args), 2)
+    assert f"resumed from {resumed_from}" in out
+    assert losses(tmp_path) == straight  # every step's loss, bit for bit (float equality of the logged values)
+
+
+def test_kill_during_save_never_leaves_a_broken_latest(humove: Path, tmp_path: Path, straight: dict[int, float]) -> None:
+    args = overrides(humove, tmp_path, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")
+    crashed = launch(2, args, env={"ECHOMOTION_FAULT_KILL_DURING_SAVE": "4"})
+    out, _ = crashed.communicate(timeout=300)
+    assert "rank 0 done" not in out
+    assert (tmp_path / "checkpoints/step-00000004.partial").is_dir()  # shards written, never marked complete
+    assert CheckpointManager(tmp_path, 3, 0).latest() == tmp_path / "checkpoints/step-00000002"
+    out = finish(launch(2, args), 2)
+    assert "step-00000002 at step 2" in out
+    assert losses(tmp_path) == straight
+    assert not (tmp_path / "checkpoints/step-00000004.partial").exists()
+
+
+def in_process_trainer(humove: Path, run_dir: Path, *extra: str) -> Trainer:
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides(humove, run_dir, *extra))
+    return Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+
+
+def test_phase1_freezes_video_phase2_trains_both(humove: Path, tmp_path: Path) -> None:
+    p1 = tmp_path / "p1"
+    trainer = in_process_trainer(humove, p1, "train.phase=1", "train.steps=3", "train.checkpoint_every=3")
+    initial = {k: v.clone() for k, v in build_model(trainer.cfg).state_dict().items()}
+    trainer.run()
+    after1 = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    video_keys = [k for k in after1 if not is_motion_parameter(k)]
+    motion_keys = [k for k in after1 if ".motion." in k]
+    assert video_keys and motion_keys
+    for k in video_keys:
+        assert torch.equal(after1[k], initial[k]), f"Phase 1 changed video parameter {k}"
+    assert any(not torch.equal(after1[k], initial[k]) for k in motion_keys)
+
+    ckpt = p1 / "checkpoints/step-00000003"
+    p2 = in_process_trainer(humove, tmp_path / "p2", "train.phase=2", "train.steps=3", f"train.init_from={ckpt}")
+    for k, v in p2.model.state_dict().items():
+        assert torch.equal(v, after1[k]), f"Phase 2 did not start from the Phase 1 weights ({k})"
+    p2.run()
+    after2 = p2.model.state_dict()
+    assert any(not torch.equal(after2[k], after1[k]) for k in video_keys if k.startswith("blocks.0.self_attn"))
+    assert any(not torch.equal(after2[k], after1[k]) for k in motion_keys)
+
+
+def test_sigterm_saves_and_exits_zero(humove: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "echomotion.train", "--config", str(ROOT / "configs/tiny.yaml"),
+           *overrides(humove, tmp_path, "train.phase=1", "train.steps=10000", "train.checkpoint_every=10000")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while 2 not in losses(tmp_path):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    last = max(losses(tmp_path))
+    assert CheckpointManager(tmp_path, 3, 0).latest() == tmp_path / f"checkpoints/step-{last:08d}"
+
+
+def test_nan_steps_are_skipped_and_a_streak_stops_the_run(humove: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECHOMOTION_FAULT_NAN_STEPS", "2")
+    trainer = in_process_trainer(humove, tmp_path / "one", "train.phase=1", "train.steps=3", "train.checkpoint_every=10")
+    trainer.train_step(trainer_batches := trainer._batches())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rec = trainer.train_step(trainer_batches)
+    assert rec["skipped_steps"] == 1 and rec["loss"] != rec["loss"]  # NaN logged, step skipped
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    rec = trainer.train_step(trainer_batches)
+    assert rec["skipped_steps"] == 1 and trainer.nan_streak == 0
+
+    monkeypatch.setenv("ECHOMOTION_FAULT_NAN_STEPS", "1,2,3")
+    trainer = in_process_trainer(humove, tmp_path / "streak", "train.phase=1", "train.steps=5", "train.max_nan_streak=3")
+    with pytest.raises(RuntimeError, match="3 steps in a row had a NaN/Inf"):
+        trainer.run()
+
+
+def test_export_round_trip_and_metrics(humove: Path, tmp_path: Path) -> None:
+    trainer = in_process_trainer(humove, tmp_path, "train.phase=2", "train.steps=2", "train.checkpoint_every=2",
+                                 "train.ema_decay=0.9")
+    trainer.run()
+    live = trainer.model.state_dict()
+    ckpt = tmp_path / "checkpoints/step-00000002"
+    out = export_checkpoint(ckpt, tmp_path / "export.safetensors")
+    model, cfg = load_exported(out)
+    for k, v in live.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    ema_model, _ = load_exported(export_checkpoint(ckpt, tmp_path / "ema.safetensors", use_ema=True))
+    assert all(torch.equal(ema_model.state_dict()[k], trainer.ema[k]) for k in trainer.ema)
+
+    text = torch.randn(1, 16, 32)
+    null = torch.zeros(16, 32)
+    kw = dict(video_shape=[1, 48, 3, 16, 16], motion_frames=9, steps=3, generator=None)
+    a = sample(trainer.model.eval(), "t2vm", text, null, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    b = sample(model, "t2vm", text, null, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    rec = read_metrics(tmp_path)[-1]
+    for key in ("step", "loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "step_time", "data_wait", "mfu"):
+        assert key in rec
+    assert any(k.startswith("loss/") and k.count("/") == 2 for k in rec)
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
