@@ -1,0 +1,28 @@
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import pytest
+
+from tests.s3_server import CREDENTIALS, S3Server
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server for the test module; S3_ENDPOINT_URL and dummy AWS credentials are exported for this process and
+    its children. `s3_server.upload(folder, "s3://bucket/prefix")` puts data there (kept across `restart()`)."""
+    server = S3Server()
+    server.start()
+    saved = {k: os.environ.get(k) for k in (*CREDENTIALS, "S3_ENDPOINT_URL")}
+    os.environ.update(CREDENTIALS, S3_ENDPOINT_URL=server.endpoint)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

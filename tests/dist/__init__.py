@@ -1,0 +1,1 @@
+"""Multi-process tests, launched with torchrun on gloo (CPU)."""

@@ -1,0 +1,61 @@
+"""Launch a script under torchrun (gloo, CPU) from a test and collect each rank's output.
+
+torch + gloo sometimes aborts at process exit after correct work (see ../shared/DESIGN.md); a run counts as passed when every
+rank printed its done line ("rank <r> done"), whatever the exit code after that.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from tests.s3_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TorchrunResult:
+    returncode: int
+    output: str  # stdout and stderr of torchrun and all ranks, interleaved
+    ranks_done: set[int]
+
+
+def run_torchrun(
+    script: str | Path,
+    nproc: int,
+    args: Sequence[str] = (),
+    *,
+    timeout: float = 180,
+    env: Optional[Mapping[str, str]] = None,
+    check: bool = True,
+) -> TorchrunResult:
+    """Run `script` on `nproc` local ranks. With check=True, fail unless every rank printed "rank <r> done"."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+        f"--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args,
+    ]
+    child_env = {**os.environ, **(env or {})}
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
+    child_env.setdefault("OMP_NUM_THREADS", "1")
+    # A session of its own, so that a timeout kills the ranks along with torchrun.
+    proc = subprocess.Popen(cmd, env=child_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun {script} timed out after {timeout} s:\n{output[-6000:]}") from None
+    done = {int(m) for m in re.findall(r"^rank (\d+) done$", output, flags=re.MULTILINE)}
+    result = TorchrunResult(proc.returncode, output, done)
+    if check and done != set(range(nproc)):
+        raise AssertionError(
+            f"torchrun {script} (exit {proc.returncode}): ranks done {sorted(done)} of {nproc}:\n{output[-6000:]}"
+        )
+    return result
