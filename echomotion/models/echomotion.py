@@ -91,13 +91,18 @@ class DualBlock(VideoBlock):
     def forward(self, video: Optional[Stream], motion: Optional[Stream], context: Tensor):
         pairs = [(expert, s) for expert, s in ((self, video), (self.motion, motion)) if s is not None]
         pre = [expert.pre_attention(s.x, s.cond, s.rope) for expert, s in pairs]
-        q, k, v = (torch.cat([p[i] for p in pre], dim=1) for i in (1, 2, 3))
+        q, k, v = (join_tokens([p[i] for p in pre]) for i in (1, 2, 3))
         out = self.attend(q, k, v, joint_key_mask([s for _, s in pairs]))
         outs = out.split([s.x.shape[1] for _, s in pairs], dim=1)
         new = [s.with_x(expert.post_attention(s.x, o, p[0], context)) for (expert, s), o, p in zip(pairs, outs, pre)]
         if video is None:
             return None, new[0]
         return new[0], (new[1] if motion is not None else None)
+
+
+def join_tokens(parts: list[Tensor]) -> Tensor:
+    """[video; motion] along the token axis; a lone modality passes through without a copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def joint_key_mask(streams: list[Stream]) -> Optional[Tensor]:
@@ -212,7 +217,8 @@ class EchoMotionDiT(nn.Module):
         self, video: Tensor, timestep: Optional[Tensor], mask: Optional[Tensor], hint: Optional[Tensor], batch: int
     ) -> Stream:
         grid = patchify_grid(video.shape, self.patch_size)
-        x = self.patch_embedding(video).flatten(2).transpose(1, 2)
+        # contiguous: a transposed residual stream would make every norm and linear copy it again, forward and backward
+        x = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()
         tokens = x.shape[1]
         t = check_timesteps(timestep, batch, tokens, "video_timestep")
         cond = time_conditioning(t, self.config.freq_dim, self.time_embedding, self.time_projection, batch)

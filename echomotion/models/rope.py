@@ -65,8 +65,12 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tu
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x [B, L, N, D] by the angles of its L tokens (computed in fp32, cast back)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+    """Rotate adjacent channel pairs of x [B, L, N, D] by the angles of its L tokens, in fp32 (or wider), cast back.
+
+    One complex multiply, as Wan writes it: a pair (x1, x2) is the complex number x1 + i x2, rotated by cos + i sin. It is
+    also the cheapest form on CPU (a single fused op forward and backward, no stack/select copies).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)))
+    rotation = torch.complex(cos.to(dtype), sin.to(dtype))[None, :, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)

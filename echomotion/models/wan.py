@@ -131,14 +131,16 @@ class WanBlock(nn.Module):
         """Modulated norm and q/k/v. Returns the 6 modulation chunks (shift, scale, gate for attention, then for FFN)."""
         table = self.modulation.float()[0] + cond.e0
         mod = [cond.rows(table, i) for i in range(6)]
-        h = self.norm1(x).float() * (1 + mod[1]) + mod[0]
-        return (mod, *self.self_attn.project(h, rope))
+        return (mod, *self.self_attn.project(modulate(self.norm1(x), mod[0], mod[1]), rope))
 
     def post_attention(self, x: Tensor, attn_out: Tensor, mod: list[Tensor], context: Tensor) -> Tensor:
-        """The three residual lines of a Wan block, given the self-attention output [B, L, heads, head_dim]."""
-        x = x + self.self_attn.o(attn_out.flatten(2)) * mod[2]
+        """The three residual lines of a Wan block, given the self-attention output [B, L, heads, head_dim].
+
+        `torch.addcmul(x, y, gate)` is `x + y * gate` in one pass over the activations.
+        """
+        x = torch.addcmul(x, self.self_attn.o(attn_out.flatten(2)), mod[2])
         x = x + self.cross_attn(self.norm3(x), context)
-        return x + self.ffn(self.norm2(x).float() * (1 + mod[4]) + mod[3]) * mod[5]
+        return torch.addcmul(x, self.ffn(modulate(self.norm2(x), mod[3], mod[4])), mod[5])
 
 
 class Head(nn.Module):
@@ -154,10 +156,15 @@ class Head(nn.Module):
         return self.head(head_modulate(self.norm, self.modulation, x, cond))
 
 
+def modulate(normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """`normed * (1 + scale) + shift` in fp32, as one fused pass (addcmul) over the activations."""
+    return torch.addcmul(shift, normed.float(), 1 + scale)
+
+
 def head_modulate(norm: nn.Module, modulation: Tensor, x: Tensor, cond: TimeCond) -> Tensor:
     """The output heads' fp32 norm with (shift, scale) from the time embedding `e`."""
     table = modulation.float()[0] + cond.e[:, None, :]
-    return norm(x).float() * (1 + cond.rows(table, 1)) + cond.rows(table, 0)
+    return modulate(norm(x), cond.rows(table, 0), cond.rows(table, 1))
 
 
 def patchify_grid(shape: tuple[int, ...], patch: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -222,6 +229,7 @@ __all__ = [
     "WanBlock",
     "Head",
     "head_modulate",
+    "modulate",
     "TimeCond",
     "sinusoidal_embedding",
     "time_conditioning",
