@@ -26,3 +26,16 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """The test models are tiny: a second intra-op thread buys nothing and, on a busy 2-core machine, makes every small
+    op wait for the other thread (measured 25-50x slower forwards). Child processes get OMP_NUM_THREADS=1 too."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(saved)

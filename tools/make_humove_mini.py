@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--text-encoder-path", help="local umT5 folder (with --text-encoder umt5)")
     p.add_argument("--latent-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     p.add_argument("--raw", action="store_true", help="also write raw clips + manifest for tools/prepare_humove.py")
+    p.add_argument("--frames", type=int, default=17, help="video (and motion) frames per clip, of the form 1 + 4k")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out, args.clips, args.seed, heldout_fraction=args.heldout_fraction, codec=args.codec,
         vae_path=args.vae_path, text_encoder=args.text_encoder, text_encoder_path=args.text_encoder_path,
         raw=args.raw, motion_only_clips=args.motion_only_clips, latent_dtype=args.latent_dtype,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        num_frames=args.frames, batch_size=args.batch_size, progress=not args.no_progress,
     )
     print(f"humove-mini: {json.dumps(info['counts'])} written to {args.out} in {time.perf_counter() - t0:.1f} s")
     return info

@@ -67,8 +67,8 @@ class TimeCond:
         return table[:, k][self.index]
 
 
-class WanSelfAttention(nn.Module):
-    """q/k/v/o projections with q/k RMSNorm over the full width; attention itself happens in the block (joint or not)."""
+class WanAttentionProjections(nn.Module):
+    """Wan's q/k/v/o projections with q/k RMSNorm over the full width (all heads together); shared by both attentions."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
@@ -79,6 +79,10 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+
+
+class WanSelfAttention(WanAttentionProjections):
+    """Self-attention projections with RoPE; the attention itself happens in the block (joint over modalities or not)."""
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """[B, L, dim] -> rotated q, k and v as [B, L, heads, head_dim]."""
@@ -88,18 +92,11 @@ class WanSelfAttention(nn.Module):
         return q, k, self.v(x).unflatten(-1, heads)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(WanAttentionProjections):
     """Text cross-attention (no RoPE; Wan does not mask zero-padded text tokens, and neither do we)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps)
-        self.norm_k = WanRMSNorm(dim, eps)
+        super().__init__(dim, num_heads, eps)
         self.attend: AttentionFn = sdpa_attention
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:

@@ -27,15 +27,6 @@ FEATURES = 235
 TEXT_LEN, TEXT_DIM = 6, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest and immune to spin-waiting when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------------------------ schedule
 def brute_force_shift(sigma: float, shift: float) -> float:
     """Independent definition: the shift multiplies the noise-to-signal ratio sigma / (1 - sigma) by `shift`; find sigma'

@@ -131,9 +131,6 @@ def test_clip_batches_cover_every_clip_in_order():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    # One thread: on a shared 2-core machine OpenMP spin-waiting makes the tiny model's small matmuls ~25x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
     data = root / "humove-mini"
     generate_humove_mini(data, clips=8, num_frames=9, heldout_fraction=0.5, progress=False)
@@ -142,7 +139,6 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     ckpt = save_exported(EchoMotionDiT(cfg.model), cfg, root / "model.safetensors")
     yield data, ckpt, root
-    torch.set_num_threads(threads)
 
 
 def test_oracle_scores_zero_and_beats_every_baseline(setup):

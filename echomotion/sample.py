@@ -1,0 +1,209 @@
+"""Sampling CLI: text -> video + motion, text -> motion, motion -> video, video -> motion, from an exported checkpoint.
+
+    python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task t2vm --prompt "a person ..."
+    python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task m2v --clip heldout-00003
+
+Each sample gets a folder with `video.mp4` (decoded), `motion.npz` (SMPL), `skeleton.mp4` (the motion rendered),
+`side_by_side.mp4`, and `preview.gif` (the last two side by side, for reports). The dataset folder supplies the codec,
+text encoder, motion statistics and null text the model was trained with (its `dataset.json`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+from .data.encoders import build_text_encoder, build_video_codec
+from .data.schema import Sample
+from .data.shards import iter_samples, motion_features
+from .diffusion.sampler import GENERATED, TASKS, sample
+from .export import load_exported
+from .motion import MotionStats, SMPLMotion, render_skeleton, side_by_side
+
+
+@dataclass
+class Generated:
+    name: str
+    caption: str
+    video: Optional[np.ndarray]  # uint8 [F, H, W, 3]
+    motion: Optional[SMPLMotion]
+    given_video: Optional[np.ndarray] = None  # the condition, for side-by-side views
+    given_motion: Optional[SMPLMotion] = None
+
+
+class InferenceContext:
+    """An exported model plus what its training data used: video codec, text encoder, motion stats, null text."""
+
+    def __init__(self, checkpoint: str | Path, data: str | Path, device: str = "cpu",
+                 vae_path: Optional[str] = None, text_encoder_path: Optional[str] = None):
+        self.data = Path(data)
+        info_path = self.data / "dataset.json"
+        if not info_path.exists():
+            raise FileNotFoundError(f"{info_path} not found: --data must be a dataset folder written by the data tools")
+        self.info = json.loads(info_path.read_text())
+        self.model, self.cfg = load_exported(checkpoint, device=device)
+        self.device = torch.device(device)
+        self.codec = build_video_codec(self.info["video_codec"]["name"], vae_path, device=device)
+        self.text_encoder = build_text_encoder(self.info["text_encoder"]["name"], text_encoder_path, device=device)
+        self.stats = MotionStats.load(self.data / "motion_stats.json")
+        self.text_len = self.cfg.data.text_len or self.cfg.model.text_len
+        self.null_text = self.pad_text([torch.load(self.data / "null_text.pt", weights_only=True)])[0]
+        self.fps = float(self.info["fps"])
+
+    def pad_text(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+        """True-length embeddings -> [B, text_len, D], zero-padded like training batches (Wan leaves padding unmasked)."""
+        dim = embeddings[0].shape[-1]
+        out = torch.zeros(len(embeddings), self.text_len, dim)
+        for i, e in enumerate(embeddings):
+            n = min(self.text_len, e.shape[0])
+            out[i, :n] = e[:n].float()
+        return out.to(self.device)
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.pad_text(self.text_encoder.encode(list(prompts)))
+
+    def clips(self, split: str, ids: Optional[Sequence[str]] = None) -> list[Sample]:
+        """Samples of a shard split, in id order (all of them, or the given ids; unknown ids are an error)."""
+        found = {s.clip_id: s for s in iter_samples(self.data / split)}
+        if ids is None:
+            return [found[k] for k in sorted(found)]
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"clip ids {missing} not in {self.data / split}; available e.g. {sorted(found)[:5]}")
+        return [found[i] for i in ids]
+
+    def motion_of(self, s: Sample) -> torch.Tensor:
+        return self.stats.normalize(motion_features(s)).float()
+
+    def to_smpl(self, features: torch.Tensor) -> SMPLMotion:
+        return SMPLMotion.from_features(self.stats.denormalize(features.float().cpu()), fps=self.fps)
+
+    def generate(self, task: str, *, prompts: Sequence[str] = (), clips: Sequence[Sample] = (), seed: int = 0,
+                 overrides: Optional[dict] = None) -> list[Generated]:
+        """One batched sampling run. t2vm/t2m take prompts; m2v takes clips (their motion + caption); v2m takes clips
+        (their video latent)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
+        s = self.cfg.sample
+        opts = {**dict(steps=s.steps, shift=s.shift, solver=s.solver, text_guidance=s.text_guidance,
+                       condition_guidance=s.condition_guidance), **(overrides or {})}
+        gen = torch.Generator().manual_seed(seed)
+        frames = int(self.info["num_frames"])
+        latent_shape = list(self.info["latent_shape"])
+        if task in ("t2vm", "t2m"):
+            if not prompts:
+                raise ValueError(f"task {task} needs --prompt or --prompts")
+            text = self.encode_text(prompts)
+            video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_frames=frames,
+                                   video_shape=[len(prompts), *latent_shape] if task == "t2vm" else None, **opts)
+            names, captions, given = [_slug(p) for p in prompts], list(prompts), [None] * len(prompts)
+        else:
+            if not clips:
+                raise ValueError(f"task {task} needs input clips (--clip ID)")
+            if task == "m2v":
+                text = self.encode_text([c.caption for c in clips])
+                motion_cond = torch.stack([self.motion_of(c) for c in clips]).to(self.device)
+                video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_cond=motion_cond,
+                                       video_shape=[len(clips), *latent_shape], **opts)
+            else:
+                missing = [c.clip_id for c in clips if c.video_latent is None]
+                if missing:
+                    raise ValueError(f"v2m needs clips with video; {missing} are motion-only")
+                video_cond = torch.stack([c.video_latent.float() for c in clips]).to(self.device)
+                video, motion = sample(self.model, task, None, self.null_text, generator=gen, video_cond=video_cond,
+                                       motion_frames=frames, **opts)
+            names, captions, given = [c.clip_id for c in clips], [c.caption for c in clips], list(clips)
+        out = []
+        for i, name in enumerate(names):
+            g = given[i]
+            out.append(Generated(
+                name=name,
+                caption=captions[i],
+                video=self.codec.decode(video[i : i + 1].float().cpu())[0] if video is not None else None,
+                motion=self.to_smpl(motion[i]) if motion is not None else None,
+                given_video=self.codec.decode(g.video_latent[None].float())[0] if (g is not None and task == "v2m") else None,
+                given_motion=SMPLMotion(g.betas, g.global_orient, g.body_pose, g.transl, g.joints) if (g is not None and task == "m2v") else None,
+            ))
+        return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def skeleton_frames(motion: SMPLMotion, height: int, width: int) -> np.ndarray:
+    return render_skeleton(motion.joints, height, width, background=(0, 0, 0))
+
+
+def write_outputs(g: Generated, out_dir: Path, fps: float, scale: int = 4) -> Path:
+    """video.mp4, motion.npz, skeleton.mp4, side_by_side.mp4 and preview.gif for one sample."""
+    d = out_dir / g.name
+    d.mkdir(parents=True, exist_ok=True)
+    video = g.video if g.video is not None else g.given_video
+    motion = g.motion if g.motion is not None else g.given_motion
+    h, w = (video.shape[1], video.shape[2]) if video is not None else (64, 64)
+    if g.video is not None:
+        _write_video(d / "video.mp4", g.video, fps, scale)
+    if g.motion is not None:
+        g.motion.to_npz(d / "motion.npz")
+    panels = []
+    if video is not None:
+        panels.append(video)
+    if motion is not None:
+        skel = skeleton_frames(motion, h, w)
+        _write_video(d / "skeleton.mp4", skel, fps, scale)
+        panels.append(skel)
+    both = panels[0] if len(panels) == 1 else side_by_side(panels[0], panels[1])
+    _write_video(d / "side_by_side.mp4", both, fps, scale)
+    iio.imwrite(d / "preview.gif", _upscale(both, scale), duration=1000 / fps, loop=0)
+    (d / "caption.txt").write_text(g.caption + "\n")
+    return d
+
+
+def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+    return frames.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def _write_video(path: Path, frames: np.ndarray, fps: float, scale: int) -> None:
+    iio.imwrite(path, _upscale(frames, scale), fps=fps, codec="libx264")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Sample EchoMotion from an exported checkpoint")
+    p.add_argument("--checkpoint", required=True, help="exported .safetensors (tools/export_checkpoint.py)")
+    p.add_argument("--data", required=True, help="dataset folder with dataset.json, motion_stats.json, null_text.pt")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (t2vm, t2m); repeatable")
+    p.add_argument("--prompts", help="file with one prompt per line")
+    p.add_argument("--clip", action="append", default=[], help="clip id from --split (m2v, v2m); repeatable")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--out", default="samples")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--shift", type=float)
+    p.add_argument("--solver", choices=["euler", "heun"])
+    p.add_argument("--text-guidance", type=float, help="omega_1")
+    p.add_argument("--condition-guidance", type=float, help="omega_2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vae-path")
+    p.add_argument("--text-encoder-path")
+    a = p.parse_args(argv)
+    ctx = InferenceContext(a.checkpoint, a.data, a.device, a.vae_path, a.text_encoder_path)
+    prompts = list(a.prompt) + ([ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()] if a.prompts else [])
+    overrides = {k: v for k, v in dict(steps=a.steps, shift=a.shift, solver=a.solver, text_guidance=a.text_guidance,
+                                       condition_guidance=a.condition_guidance).items() if v is not None}
+    clips = ctx.clips(a.split, a.clip) if a.task in ("m2v", "v2m") else []
+    for g in ctx.generate(a.task, prompts=prompts, clips=clips, seed=a.seed, overrides=overrides):
+        print(f"{a.task}: {write_outputs(g, Path(a.out) / a.task, ctx.fps)}  ({', '.join(GENERATED[a.task])} generated)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
