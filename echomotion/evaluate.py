@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import Config, SampleConfig
-from .data.encoders import PixelCodec, VideoCodec, build_video_codec
+from .data.encoders import PixelCodec, VideoCodec, build_video_codec, pad_text
 from .data.shards import iter_samples, motion_features
 from .data.synthetic import COLOURS, render_clip
 from .diffusion.sampler import SOLVERS, sample
@@ -166,14 +166,6 @@ def parse_caption_colours(caption: str) -> tuple[str, str, str]:
     return colours
 
 
-def pad_text(embedding: Tensor, length: int) -> Tensor:
-    """[L, D] -> [length, D] float32, zero-padded or truncated exactly like the training batches (Collate)."""
-    out = embedding.new_zeros(length, embedding.shape[-1], dtype=torch.float32)
-    n = min(length, embedding.shape[0])
-    out[:n] = embedding[:n].float()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Data
 
@@ -230,7 +222,7 @@ class EvalData:
                     f"{info_path} records no {key!r}; regenerate the dataset with tools/make_humove_mini.py"
                 )
         stats = MotionStats.load(root / info["motion_stats"])
-        null = pad_text(torch.load(root / info["null_text"], weights_only=True), text_len)
+        null = pad_text(torch.load(root / info["null_text"], weights_only=True), text_len).float()
         layer = SMPLLayer(root / info["smpl_model"])
         codec = _codec(info["video_codec"], vae_path)
         clips: list[Clip] = []
@@ -243,7 +235,7 @@ class EvalData:
             clips.append(Clip(
                 clip_id=s.clip_id, caption=s.caption, colours=parse_caption_colours(s.caption), height=s.height,
                 width=s.width, latent=s.video_latent.float(), motion=stats.normalize(features).float(),
-                features=features, joints=s.joints.float(), text=pad_text(s.text_embedding, text_len),
+                features=features, joints=s.joints.float(), text=pad_text(s.text_embedding, text_len).float(),
             ))
         if len(clips) < 2:
             raise EvaluationError(f"{root / split} has {len(clips)} paired clips; the evaluation needs at least 2")

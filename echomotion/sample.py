@@ -20,7 +20,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
-from .data.encoders import build_text_encoder, build_video_codec
+from .data.encoders import build_text_encoder, build_video_codec, pad_text
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
 from .diffusion.sampler import GENERATED, TASKS, sample
@@ -59,12 +59,7 @@ class InferenceContext:
 
     def pad_text(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
         """True-length embeddings -> [B, text_len, D], zero-padded like training batches (Wan leaves padding unmasked)."""
-        dim = embeddings[0].shape[-1]
-        out = torch.zeros(len(embeddings), self.text_len, dim)
-        for i, e in enumerate(embeddings):
-            n = min(self.text_len, e.shape[0])
-            out[i, :n] = e[:n].float()
-        return out.to(self.device)
+        return torch.stack([pad_text(e, self.text_len).float() for e in embeddings]).to(self.device)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.pad_text(self.text_encoder.encode(list(prompts)))

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import CheckpointManager, load_model_weights
 from .config import Config, load_config, to_yaml
+from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
 from .distributed import DistEnv, all_reduce_mean, any_rank, init_distributed, shutdown
@@ -50,7 +51,13 @@ def sample_generator(seed: int, step: int, micro: int, clip_id: str) -> torch.Ge
 
 def build_model(cfg: Config) -> EchoMotionDiT:
     """Fresh (seeded), from pretrained Wan, or from an EchoMotion checkpoint / export (Phase 2 <- Phase 1)."""
-    t = cfg.train
+    t, m = cfg.train, cfg.model
+    token_width = m.in_channels * math.prod(m.patch_size)
+    if token_width > m.dim:
+        raise TrainingError(
+            f"a video token carries model.in_channels x patch volume = {token_width} values but model.dim is {m.dim}: the patch "
+            "embedding would squeeze the noise and the flow loss could never get low; use a smaller model.patch_size or a wider model"
+        )
     torch.manual_seed(t.seed)
     if t.init_wan:
         model = EchoMotionDiT.from_wan(t.init_wan, config=cfg.model)
@@ -106,11 +113,7 @@ def load_null_text(cfg: Config) -> torch.Tensor:
         raise TrainingError("data.path is remote: copy null_text.pt locally and set data.null_text_path")
     if not path.exists():
         raise TrainingError(f"{path} not found: the dataset tools write it; or set data.null_text_path")
-    null = torch.load(path, weights_only=True).float()
-    length = cfg.data.text_len or cfg.model.text_len
-    padded = null.new_zeros(length, null.shape[-1])  # padded like the batch's text: zeros, unmasked (Wan's convention)
-    padded[: min(length, null.shape[0])] = null[:length]
-    return padded
+    return pad_text(torch.load(path, weights_only=True), cfg.data.text_len or cfg.model.text_len).float()
 
 
 class Trainer:
@@ -192,12 +195,16 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- training
     def _batches(self):
+        empty_passes = 0
         while True:
             yielded = False
             for batch in self.loader:
                 yielded = True
                 yield batch
-            if not yielded:
+            # A run resumed from a checkpoint taken at the very end of an epoch first gets an empty pass; a fresh epoch
+            # that yields nothing means there is no data.
+            empty_passes = 0 if yielded else empty_passes + 1
+            if empty_passes == 2:
                 raise TrainingError(f"the data loader yielded nothing: check data.path={self.cfg.data.path} holds samples")
 
     def _micro_step(self, batch: Batch, micro: int, last: bool) -> tuple[float, dict[str, float]]:

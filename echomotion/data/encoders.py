@@ -270,3 +270,13 @@ def build_text_encoder(name: str, path: str | Path | None = None, device: str | 
             raise ValueError("text encoder 'umt5' needs a path: pass --text-encoder-path /path/to/umt5")
         return UMT5TextEncoder(path, device=device)
     raise ValueError(f"unknown text encoder {name!r}; choose one of {list(TEXT_ENCODERS)}")
+
+
+def pad_text(embedding: torch.Tensor, length: int) -> torch.Tensor:
+    """A true-length text embedding [L, D] -> [length, D], zero-padded or truncated, in its own dtype. Every consumer (the
+    training batches, the null text, sampling, evaluation) pads this one way; Wan leaves the zero padding unmasked."""
+    out = embedding.new_zeros(length, embedding.shape[-1])
+    n = min(length, embedding.shape[0])
+    out[:n] = embedding[:n]
+    return out
+

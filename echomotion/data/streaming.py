@@ -31,6 +31,7 @@ from streaming.base.util import clean_stale_shared_memory
 
 from ..config import Config, DataConfig
 from ..motion.smpl import MOTION_FEATURE_DIM, MOTION_TOKENS_PER_FRAME, MotionStats, SMPLMotion
+from .encoders import pad_text
 from .schema import decode_sample
 
 log = logging.getLogger(__name__)
@@ -360,10 +361,8 @@ class Collate:
         if longest > self.text_len and not self._warned_truncation:
             log.warning("text embeddings of %d tokens truncated to text_len=%d (shown once)", longest, self.text_len)
             self._warned_truncation = True
-        text = torch.zeros(len(items), self.text_len, text_dims.pop(), dtype=items[0].text.dtype)
+        text = torch.stack([pad_text(it.text, self.text_len) for it in items])
         lengths = torch.tensor([min(it.text.shape[0], self.text_len) for it in items], dtype=torch.long)
-        for i, it in enumerate(items):
-            text[i, : lengths[i]] = it.text[: lengths[i]]
 
         return Batch(
             video=video,

@@ -12,6 +12,7 @@ import torch
 
 from echomotion.config import load_config
 from echomotion.data.synthetic import ACTIONS, COLOURS, generate_humove_mini, sample_spec
+from echomotion.data.encoders import pad_text
 from echomotion.evaluate import (
     BASELINES,
     CHECKS,
@@ -25,7 +26,6 @@ from echomotion.evaluate import (
     derangement,
     evaluate,
     mean_abs_pixel_error,
-    pad_text,
     parse_caption_colours,
     root_relative_mpjpe,
     score,
@@ -115,9 +115,9 @@ def test_caption_colours_round_trip_every_generated_caption():
 def test_pad_text_zero_pads_and_truncates_like_collate():
     emb = torch.arange(12, dtype=torch.float16).reshape(4, 3)
     padded = pad_text(emb, 6)
-    assert padded.dtype == torch.float32 and padded.shape == (6, 3)
-    assert torch.equal(padded[:4], emb.float()) and not padded[4:].any()
-    assert torch.equal(pad_text(emb, 2), emb[:2].float())
+    assert padded.dtype == torch.float16 and padded.shape == (6, 3)
+    assert torch.equal(padded[:4], emb) and not padded[4:].any()
+    assert torch.equal(pad_text(emb, 2), emb[:2])
     assert pad_text(torch.zeros(0, 3), 5).shape == (5, 3)  # the empty prompt
 
 
