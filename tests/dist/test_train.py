@@ -217,3 +217,9 @@ def test_export_round_trip_and_metrics(humove: Path, tmp_path: Path) -> None:
         assert key in rec
     assert any(k.startswith("loss/") and k.count("/") == 2 for k in rec)
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
+
+
+def test_a_patch_embedding_narrower_than_a_token_is_refused() -> None:
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.patch_size=[1,2,2]"])  # 48 x 4 = 192 values into 64 dims
+    with pytest.raises(RuntimeError, match="192 values but model.dim is 64"):
+        build_model(cfg)
