@@ -29,6 +29,7 @@ EXTRAS = {
         "huggingface-hub<1.0",  # diffusers 0.39 with hub >= 1.0 breaks streaming's transformers pin
         "transformers>=4.40,<5",  # mosaicml-streaming 0.13 caps transformers
         "moto[server]==5.2.5",  # a real S3-compatible server on 127.0.0.1 for the data-loading tests and tools/bench_data.py
+        "kubernetes-validate==1.37.0",  # offline Kubernetes schemas for the launcher's manifests (tests/ops)
     ],
 }
 

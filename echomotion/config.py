@@ -148,7 +148,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no EMA copy
     max_nan_streak: int = 10  # stop after this many skipped (NaN/Inf) steps in a row
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on CUDA; modulation, norms and RoPE stay fp32)
-    metrics_port: int = 0  # Prometheus exporter port on rank 0 (rank r uses port + r); 0 = off
+    metrics_port: int = 0  # Prometheus exporter port of local rank 0 (local rank l uses port + l, on every node); 0 = off
     metrics_addr: str = "0.0.0.0"
     peak_flops: float = 0.0  # per device, for MFU; 0 = look up the GPU (H100: 989e12), none on CPU
     progress: bool = True  # progress bar on rank 0

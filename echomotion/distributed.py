@@ -44,11 +44,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     return DistEnv(rank, world, local_rank, device)
 
 
-def shutdown() -> None:
-    """Barrier + destroy on every exit path, so no rank leaves while another still talks to it."""
+def shutdown(clean: bool = True) -> None:
+    """Barrier + destroy, so no rank leaves while another still talks to it; after a failure (clean=False) destroy only,
+    since the other ranks may never reach the barrier."""
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if clean:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

@@ -90,52 +90,71 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class PrometheusExporter:
-    """prometheus-client series with the `echomotion_` prefix; job-level series on rank 0, per-rank ones labelled `rank`.
+    """prometheus-client series with the `echomotion_` prefix, served on this process's port.
 
-    Names and labels are documented in docs/operations.md (issue 6 adds dashboards and alerts on top of them).
+    Job-level series (loss, step, throughput, checkpoints, skipped steps, restarts) are served by rank 0 only, so a query
+    over all ranks' targets never mixes in copies; on other ranks those objects exist but are not registered, so callers
+    need no rank checks. Per-rank series (step time, data wait, memory) carry a `rank` label: skew between ranks shows
+    there. `echomotion_process_*` (RSS, CPU, start time) comes from every process. Names and labels: docs/operations.md.
     """
 
     def __init__(self, port: int, rank: int, addr: str = "0.0.0.0"):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
         self.rank = str(rank)
         self.registry = CollectorRegistry()
         r = self.registry
-        self.loss = Gauge("echomotion_loss", "Training loss of the last logged step", ["task", "modality"], registry=r)
-        self.grad_norm = Gauge("echomotion_grad_norm", "Global gradient norm before clipping", registry=r)
-        self.lr = Gauge("echomotion_learning_rate", "Learning rate", registry=r)
-        self.step = Gauge("echomotion_step", "Last finished optimizer step", registry=r)
-        self.samples_per_s = Gauge("echomotion_samples_per_second", "Global training samples per second", registry=r)
-        self.tokens_per_s = Gauge("echomotion_tokens_per_second", "Global training tokens per second", registry=r)
-        self.mfu = Gauge("echomotion_mfu", "Model FLOPs utilization (0..1)", registry=r)
+        job = r if rank == 0 else None
+        self.loss = Gauge("echomotion_loss", "Training loss of the last logged step", ["task", "modality"], registry=job)
+        self.grad_norm = Gauge("echomotion_grad_norm", "Global gradient norm before clipping", registry=job)
+        self.lr = Gauge("echomotion_learning_rate", "Learning rate", registry=job)
+        self.step = Gauge("echomotion_step", "Last finished optimizer step", registry=job)
+        self.samples_per_s = Gauge("echomotion_samples_per_second", "Global training samples per second", registry=job)
+        self.tokens_per_s = Gauge("echomotion_tokens_per_second", "Global training tokens per second", registry=job)
+        self.mfu = Gauge("echomotion_mfu", "Model FLOPs utilization (0..1)", registry=job)
+        self.skipped = Counter("echomotion_skipped_steps", "Steps skipped for NaN/Inf loss or gradient", registry=job)
+        self.nan_streak = Gauge("echomotion_nan_streak", "Skipped (NaN/Inf) steps in a row up to the last step", registry=job)
+        self.ckpt_seconds = Gauge("echomotion_checkpoint_save_seconds", "Duration of the last checkpoint save", registry=job)
+        self.ckpt_last = Gauge(
+            "echomotion_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the last complete checkpoint this process wrote (0 before its first)", registry=job,
+        )
+        self.restarts = Counter("echomotion_restarts", "Times this run resumed from a checkpoint", registry=job)
         self.step_time = Histogram(
             "echomotion_step_time_seconds", "Wall time of one optimizer step", ["rank"], registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
         )
         self.data_wait = Gauge("echomotion_data_wait_seconds", "Time the last step waited for data", ["rank"], registry=r)
-        self.skipped = Counter("echomotion_skipped_steps", "Steps skipped for NaN/Inf loss or gradient", registry=r)
-        self.ckpt_seconds = Gauge("echomotion_checkpoint_save_seconds", "Duration of the last checkpoint save", registry=r)
-        self.ckpt_last = Gauge("echomotion_checkpoint_last_success_timestamp_seconds", "Unix time of the last complete checkpoint", registry=r)
-        self.memory = Gauge("echomotion_memory_max_allocated_bytes", "Peak accelerator (or process RSS) memory", ["rank"], registry=r)
-        self.restarts = Counter("echomotion_restarts", "Times this run resumed from a checkpoint", registry=r)
+        self.memory = Gauge(
+            "echomotion_memory_max_allocated_bytes", "Peak accelerator memory (peak process RSS on CPU)", ["rank"], registry=r
+        )
         self.collective_bytes = Gauge("echomotion_collective_bytes_per_step", "Collective bytes per step", ["kind"], registry=r)
+        ProcessCollector(namespace="echomotion", registry=r)
         start_http_server(port, addr=addr, registry=r)
 
     def observe_step(self, rec: dict[str, Any], job_level: bool) -> None:
         self.step_time.labels(self.rank).observe(rec["step_time"])
         self.data_wait.labels(self.rank).set(rec["data_wait"])
-        if rec.get("memory_bytes") is not None:
-            self.memory.labels(self.rank).set(rec["memory_bytes"])
+        memory = rec.get("memory_bytes")
+        self.memory.labels(self.rank).set(memory if memory is not None else _peak_rss_bytes())
         if not job_level:
             return
         self.step.set(rec["step"])
         if rec.get("loss") is not None:
             self.loss.labels("all", "all").set(rec["loss"])
         for key, value in rec.items():
-            if key.startswith("loss/") and value is not None:
-                _, task, modality = key.split("/")
+            if key.startswith("loss/") and value is not None:  # loss/<modality> (all tasks) or loss/<task>/<modality>
+                parts = key.split("/")[1:]
+                task, modality = ("all", parts[0]) if len(parts) == 1 else parts
                 self.loss.labels(task, modality).set(value)
         for key, gauge in (("grad_norm", self.grad_norm), ("lr", self.lr), ("samples_per_s", self.samples_per_s),
-                           ("tokens_per_s", self.tokens_per_s), ("mfu", self.mfu)):
+                           ("tokens_per_s", self.tokens_per_s), ("mfu", self.mfu), ("nan_streak", self.nan_streak)):
             if rec.get(key) is not None:
                 gauge.set(rec[key])
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

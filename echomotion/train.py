@@ -143,7 +143,7 @@ class Trainer:
         self.step, self.skipped, self.nan_streak, self.restarts = 0, 0, 0, 0
         self._resume()
         self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step)
-        self.exporter = PrometheusExporter(t.metrics_port + env.rank, env.rank, t.metrics_addr) if t.metrics_port else None
+        self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
         if self.exporter and self.restarts:
             self.exporter.restarts.inc(self.restarts)
         self.peak = peak_flops_per_device(t.peak_flops)
@@ -273,6 +273,7 @@ class Trainer:
             "step_time": step_time,
             "data_wait": wait,
             "skipped_steps": self.skipped,
+            "nan_streak": self.nan_streak,
             "memory_bytes": torch.cuda.max_memory_allocated() if env.device.type == "cuda" else None,
         }
         rec["mfu"] = self._mfu(batch, rec["samples_per_s"])
@@ -367,9 +368,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = init_distributed()
     try:
         Trainer(cfg, env).run()
-        print(f"rank {env.rank} done", flush=True)
-    finally:
-        shutdown()
+    except BaseException:
+        # Other ranks may be waiting in a collective this rank will never join: leave without the barrier, so the
+        # launcher sees the failure and tears the group down instead of every rank hanging.
+        shutdown(clean=False)
+        raise
+    print(f"rank {env.rank} done", flush=True)
+    shutdown()
     return 0
 
 

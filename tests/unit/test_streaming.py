@@ -1,6 +1,6 @@
 """Streaming HuMoVe shards in one process: decoding, collate padding, config checks, retries, and errors that name the shard.
 
-Multi-rank behaviour (exactly once, replication, resume, S3 restart) is in tests/dist/test_streaming_dist.py.
+Multi-rank behaviour (exactly once, replication, resume, S3 restart) is in tests/distributed/test_streaming_dist.py.
 """
 from __future__ import annotations
 

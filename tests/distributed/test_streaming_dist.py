@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.launch import run_torchrun
+from tests.distributed.launch import run_torchrun
 from tests.s3_server import S3Server
 from tests.tiny_shards import write_tiny_shards
 

@@ -1,6 +1,6 @@
 """torchrun worker for test_streaming_dist.py: reads HuMoVe shards with build_dataloader and records what each rank saw.
 
-    torchrun --nproc_per_node=2 tests/dist/stream_worker.py spec.json
+    torchrun --nproc_per_node=2 tests/distributed/stream_worker.py spec.json
 
 spec.json: {"out": folder, "phases": [phase, ...]}; each phase builds a fresh loader and reads one epoch (or part of one):
   name            output file <out>/<name>.rank<r>.json: {"batches": [[clip ids], ...], "has_video": [...], "shapes": [...]}

@@ -1,0 +1,135 @@
+"""The cluster a run goes to, and the environment every launcher gives the trainer.
+
+One description (nodes, processes per node, rendezvous endpoint, restarts) feeds every target: torchrun, the deepspeed
+launcher, Slurm and Kubernetes. A run moves between them without re-deriving sizes, and the environment (threads, NCCL or
+gloo settings) is chosen in one place.
+
+Object-store settings (`S3_ENDPOINT_URL`, AWS credentials) are never written into commands, scripts, manifests or logs:
+a launched run inherits them from the launcher's environment, Slurm passes the submitter's environment on, and Kubernetes
+reads them from a Secret.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+
+class LaunchError(ValueError):
+    """A launch cannot be built from these inputs; the message names the setting and a fix."""
+
+
+# Read by the data loader (mosaicml-streaming through boto3); passed through from the environment, never written out.
+OBJECT_STORE_ENV = ("S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+ACCELERATORS = ("gpu", "cpu")
+
+
+@dataclass
+class Cluster:
+    """Where and how many: the part of a launch that does not depend on the training config."""
+
+    nodes: int = 1
+    nproc_per_node: int = 1  # processes per node: the GPUs per node on a GPU cluster
+    accelerator: str = "gpu"  # "gpu": NCCL | "cpu": gloo
+    min_nodes: Optional[int] = None  # elastic: keep training with as few as this many nodes (c10d); None = fixed size
+    rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the c10d rendezvous (any node's address; torchrun default port)
+    rdzv_id: str = "echomotion"  # unique per job, so two jobs on one endpoint never join each other
+    max_restarts: int = 3  # times torchrun restarts the worker group (after a failure or a node joining) before giving up
+    shutdown_timeout: int = 300  # seconds a worker has after SIGTERM to write its checkpoint before SIGKILL
+    threads_per_proc: Optional[int] = None  # OMP_NUM_THREADS; None = the node's cores / processes per node
+    cpus_per_node: Optional[int] = None  # None = this machine's cores
+    ifname: Optional[str] = None  # network interface for NCCL / gloo sockets (NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None and self.min_nodes < self.nodes
+
+    @property
+    def nnodes(self) -> str:
+        """torchrun's --nnodes: `N`, or `MIN:MAX` when elastic."""
+        return f"{self.min_nodes}:{self.nodes}" if self.elastic else str(self.nodes)
+
+    def threads(self) -> int:
+        if self.threads_per_proc:
+            return self.threads_per_proc
+        return max(1, (self.cpus_per_node or os.cpu_count() or 1) // self.nproc_per_node)
+
+    def validate(self) -> None:
+        problems = []
+        if self.nodes < 1 or self.nproc_per_node < 1:
+            problems.append(f"nodes={self.nodes} and nproc_per_node={self.nproc_per_node} must be >= 1")
+        if self.accelerator not in ACCELERATORS:
+            problems.append(f"accelerator={self.accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            problems.append(f"min_nodes={self.min_nodes} must be between 1 and nodes={self.nodes}")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            problems.append(f"rdzv_endpoint={self.rdzv_endpoint!r} must be host:port")
+        if self.max_restarts < 0 or self.shutdown_timeout < 1:
+            problems.append("max_restarts must be >= 0 and shutdown_timeout >= 1 second")
+        for key in ("threads_per_proc", "cpus_per_node"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)} must be >= 1 (or unset)")
+        if problems:
+            raise LaunchError("invalid cluster description:\n  - " + "\n  - ".join(problems))
+
+
+def load_cluster(path: Optional[str | Path] = None, defaults: Optional[Mapping[str, Any]] = None, **given: Any) -> Cluster:
+    """Cluster's defaults <- `defaults` (the target's) <- the YAML file (keys are Cluster's fields) <- the keyword
+    arguments that are not None; validated."""
+    known = {f.name for f in fields(Cluster)}
+    values: dict[str, Any] = dict(defaults or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise LaunchError(f"cluster file {p} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise LaunchError(f"cluster file {p} must hold a mapping of settings, e.g. 'nodes: 2'")
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise LaunchError(f"cluster file {p}: unknown keys {unknown}; known keys are {sorted(known)}")
+        values.update(raw)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise LaunchError(f"unknown cluster settings {unknown}")
+    values.update({k: v for k, v in given.items() if v is not None})
+    cluster = Cluster(**values)
+    cluster.validate()
+    return cluster
+
+
+def backend_env(cluster: Cluster, c10d: bool) -> dict[str, str]:
+    """Environment for the agents and their workers. c10d: the launch uses torchrun's c10d rendezvous."""
+    env = {"OMP_NUM_THREADS": str(cluster.threads()), "PYTHONUNBUFFERED": "1"}
+    if cluster.accelerator == "gpu":
+        env["NCCL_DEBUG"] = "WARN"
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # a failed collective ends the process, so the launcher can restart it
+        if cluster.ifname:
+            env["NCCL_SOCKET_IFNAME"] = cluster.ifname
+    elif cluster.ifname:
+        env["GLOO_SOCKET_IFNAME"] = cluster.ifname
+    if c10d:
+        # torch 2.14 shares the rendezvous TCPStore with the workers by default; a node that joins after another one
+        # died then waits forever for MASTER_ADDR (pytorch/pytorch#135712, #147064). Without sharing, restarts work.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
+
+
+def object_store_note(data_path: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+    """One line saying which object-store variables pass through (names only: values never leave the environment)."""
+    if not (data_path or "").startswith("s3://"):
+        return None
+    present = [k for k in OBJECT_STORE_ENV if environ.get(k)]
+    missing = [k for k in OBJECT_STORE_ENV if not environ.get(k)]
+    return (
+        f"data.path={data_path}: object-store settings pass through from the environment "
+        f"(set: {', '.join(present) or 'none'}; unset: {', '.join(missing) or 'none'})"
+    )

@@ -1,0 +1,102 @@
+"""Starting, watching and stopping launcher processes from the ops tests."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs/tiny.yaml")
+
+
+def trainer_overrides(humove: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A tiny, fast run on the test's HuMoVe-mini."""
+    return [
+        f"data.path={humove / 'train'}",
+        f"data.stats_path={humove / 'motion_stats.json'}",
+        f"data.null_text_path={humove / 'null_text.pt'}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "model.num_layers=1",
+        "train.progress=false",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def launcher(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launcher", *args]
+
+
+def child_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start(cmd: list[str], log: Path, env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
+    """Output goes to a file (a pipe nobody reads would block a chatty run); a session of its own for clean kills."""
+    with log.open("w") as fh:
+        return subprocess.Popen(cmd, cwd=ROOT, env=child_env(env), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and everything under it (torchrun's workers run in sessions of their own)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def wait_for(
+    condition: Callable[[], bool], procs: list[subprocess.Popen], logs: list[Path], timeout: float, what: str | Callable[[], str]
+) -> None:
+    """Poll until `condition`; fail early, with the logs, if a process exits first or time runs out. `what` (or what it
+    returns, asked at failure time) names the wait in the failure message."""
+    deadline = time.time() + timeout
+    while not condition():
+        ended = [p for p in procs if p.poll() is not None]
+        if ended or time.time() > deadline:
+            tails = "\n".join(f"--- {log.name}:\n{log.read_text()[-4000:]}" for log in logs)
+            for p in procs:
+                kill_tree(p)
+            reason = f"a process exited (code {ended[0].returncode})" if ended else f"{timeout:.0f} s passed"
+            raise AssertionError(f"waiting for {what() if callable(what) else what}: {reason}\n{tails}")
+        time.sleep(0.2)
+
+
+def finish(procs: list[subprocess.Popen], logs: list[Path], ranks: int, timeout: float = 240) -> str:
+    """Wait for every process; pass when every rank printed its done line (gloo may abort at exit after it)."""
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                kill_tree(q)
+    out = "\n".join(log.read_text() for log in logs)
+    for r in range(ranks):
+        assert f"rank {r} done" in out, f"rank {r} did not finish:\n{out[-6000:]}"
+    return out
+
+
+def stop(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGTERM (torchrun forwards it: the trainer checkpoints and exits), then wait."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)

@@ -1,0 +1,186 @@
+"""Rendered PyTorchJob and JobSet manifests: offline validation against the Kubernetes schemas (kubernetes-validate, strict)
+and the CRD schemas in ../shared/schemas/, what they must contain, and the committed examples being current."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator
+
+import jsonschema
+import pytest
+import yaml
+
+from launcher.cluster import Cluster, LaunchError
+from launcher.commands import TrainerCall
+from launcher.manifests import PodSettings, render_examples, render_jobset, render_pytorchjob
+from tests.ops.helpers import ROOT
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' installs kubernetes-validate")
+
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+CRDS = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "JobSet": "jobset.x-k8s.io_jobsets.yaml"}
+K8S_VERSION = "1.30"
+SECRET = "ops-test-secret-value-7f3a"
+EXAMPLES = ROOT / "launcher/k8s/examples"
+
+
+def call() -> TrainerCall:
+    return TrainerCall("configs/tiny.yaml", ["data.path=s3://bucket/humove", "train.steps=1000"], base_dir=ROOT)
+
+
+def pod(name: str = "em-test") -> PodSettings:
+    return PodSettings(name=name, image="registry.example.com/echomotion:test", cpus=32, memory="256Gi",
+                       node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, extra_resources={"rdma/ib": "1"})
+
+
+def rendered() -> dict[str, dict[str, Any]]:
+    return {
+        "pytorchjob-1-node": render_pytorchjob(Cluster(nodes=1, nproc_per_node=8), call(), pod()),
+        "pytorchjob-4-nodes": render_pytorchjob(Cluster(nodes=4, nproc_per_node=8), call(), pod()),
+        "pytorchjob-elastic": render_pytorchjob(Cluster(nodes=4, min_nodes=2, nproc_per_node=8), call(), pod()),
+        "jobset-4-nodes": render_jobset(Cluster(nodes=4, nproc_per_node=8), call(), pod()),
+        "jobset-cpu": render_jobset(Cluster(nodes=2, nproc_per_node=2, accelerator="cpu"), call(), pod()),
+        **{name: yaml.safe_load(text) for name, text in render_examples(ROOT).items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def manifests(monkeypatch_module: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+    monkeypatch_module.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # a secret in the environment must not reach a manifest
+    return rendered()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def pod_templates(m: dict[str, Any]) -> list[dict[str, Any]]:
+    if m["kind"] == "PyTorchJob":
+        return [r["template"] for r in m["spec"]["pytorchReplicaSpecs"].values()]
+    return [j["template"]["spec"]["template"] for j in m["spec"]["replicatedJobs"]]
+
+
+def test_examples_are_current() -> None:
+    """launcher/k8s/examples/ is what the code renders now (`python -m launcher examples` rewrites it)."""
+    fresh = render_examples(ROOT)
+    assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted(fresh)
+    for name, text in fresh.items():
+        assert (EXAMPLES / name).read_text() == text, f"{name} is stale: run python -m launcher examples"
+
+
+def test_core_objects_validate_against_kubernetes(manifests: dict[str, dict[str, Any]]) -> None:
+    """Strict schemas (unknown fields are errors): each pod template as a PodTemplate, each JobSet job as a batch/v1 Job."""
+    for m in manifests.values():
+        for template in pod_templates(m):
+            obj = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": m["metadata"]["name"]}, "template": template}
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        if m["kind"] == "JobSet":
+            for rjob in m["spec"]["replicatedJobs"]:
+                job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": rjob["name"]}, **rjob["template"]}
+                kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def strict(schema: Any) -> Any:
+    """An openAPIV3Schema where unknown fields are errors. The API server silently prunes them, so a misspelt field
+    (say `nProcPerNode`) would be dropped without a word; here it fails."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) if k in ("properties", "items", "additionalProperties", "anyOf", "allOf", "oneOf") else v
+           for k, v in schema.items()}
+    if "properties" in out:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_validators() -> dict[str, jsonschema.Validator]:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"{SCHEMAS} is absent (the CRD schemas live in the project's shared folder, not in a user's clone)")
+    validators = {}
+    for kind, filename in CRDS.items():
+        crd = yaml.load((SCHEMAS / filename).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
+        schema = strict(version["schema"]["openAPIV3Schema"])
+        validators[kind] = (f"{crd['spec']['group']}/{version['name']}", jsonschema.Draft7Validator(schema))
+    return validators
+
+
+def test_custom_resources_validate_against_crd_schemas(manifests: dict[str, dict[str, Any]], crd_validators) -> None:
+    for name, m in manifests.items():
+        api_version, validator = crd_validators[m["kind"]]
+        assert m["apiVersion"] == api_version, name
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(m)]
+        assert not errors, f"{name}:\n" + "\n".join(errors[:10])
+
+
+def test_crd_validation_catches_a_misspelt_field(manifests: dict[str, dict[str, Any]], crd_validators) -> None:
+    broken = copy.deepcopy(manifests["pytorchjob-elastic"])
+    broken["spec"]["elasticPolicy"]["nProcsPerNode"] = 8
+    assert not crd_validators["PyTorchJob"][1].is_valid(broken)
+
+
+def test_pytorchjob_contents(manifests: dict[str, dict[str, Any]]) -> None:
+    fixed, elastic = manifests["pytorchjob-4-nodes"]["spec"], manifests["pytorchjob-elastic"]["spec"]
+    assert fixed["nprocPerNode"] == "8"
+    assert {k: v["replicas"] for k, v in fixed["pytorchReplicaSpecs"].items()} == {"Master": 1, "Worker": 3}
+    assert list(manifests["pytorchjob-1-node"]["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    container = fixed["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch" and container["ports"][0] == {"name": "pytorchjob-port", "containerPort": 23456}
+    assert "--rdzv_endpoint=$(MASTER_ADDR):$(MASTER_PORT)" in container["command"]
+    assert "--nnodes=4" in container["command"]
+
+    assert list(elastic["pytorchReplicaSpecs"]) == ["Worker"] and elastic["pytorchReplicaSpecs"]["Worker"]["replicas"] == 4
+    assert elastic["elasticPolicy"] == {
+        "rdzvBackend": "c10d", "rdzvId": "em-test", "minReplicas": 2, "maxReplicas": 4, "maxRestarts": 3,
+    }
+    command = elastic["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"]
+    assert "--nnodes=2:4" in command and "--rdzv_endpoint=$(PET_RDZV_ENDPOINT)" in command
+
+
+def test_jobset_contents(manifests: dict[str, dict[str, Any]]) -> None:
+    spec = manifests["jobset-4-nodes"]["spec"]
+    assert spec["network"]["enableDNSHostnames"] is True
+    (rjob,) = spec["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    assert (job["parallelism"], job["completions"], job["completionMode"]) == (4, 4, "Indexed")
+    container = job["template"]["spec"]["containers"][0]
+    index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": index}}} in container["env"]
+    assert "--node_rank=$(NODE_RANK)" in container["command"]
+    assert "--master_addr=em-test-node-0-0.em-test" in container["command"]  # <jobset>-<job>-<job index>-<pod index>.<jobset>
+    assert job["template"]["spec"]["restartPolicy"] == "Never" and job["backoffLimit"] == 0
+    assert spec["failurePolicy"]["maxRestarts"] == 3
+    cpu = manifests["jobset-cpu"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
+    with pytest.raises(LaunchError, match="fixed node ranks"):
+        render_jobset(Cluster(nodes=4, min_nodes=2), call(), pod())
+
+
+def test_every_pod_checkpoints_on_sigterm_and_reads_secrets_from_a_secret(manifests: dict[str, dict[str, Any]]) -> None:
+    for name, m in manifests.items():
+        assert SECRET not in yaml.safe_dump(m), name
+        for template in pod_templates(m):
+            spec = template["spec"]
+            (container,) = spec["containers"]
+            shutdown = int(next(w for w in container["command"] if w.startswith("--shutdown_timeout=")).split("=")[1])
+            assert spec["terminationGracePeriodSeconds"] > shutdown, name
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+            assert "persistentVolumeClaim" in volumes["checkpoints"]
+            mounts = {v["mountPath"] for v in container["volumeMounts"]}
+            assert {"/dev/shm", "/checkpoints"} <= mounts
+            run_dir = next(w for w in container["command"] if w.startswith("train.run_dir="))
+            assert run_dir.startswith("train.run_dir=/checkpoints/"), name  # restarts resume from the shared volume
+            secret_env = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "S3_ENDPOINT_URL"} <= set(secret_env), name
+            assert all("value" not in e for e in container["env"] if e["name"].startswith(("AWS_", "S3_")))
+            annotations = template["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true"
+            port = int(annotations["prometheus.io/port"])
+            assert f"train.metrics_port={port}" in container["command"]
+            assert {"name": "metrics-0", "containerPort": port} in container["ports"]
