@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({demand[0] * per_sample / 1e6:.0f}-{demand[1] * per_sample / 1e6:.0f} MB/s); per {args.gpus_per_node}-GPU node "
           f"{node_demand[0]:.2f}-{node_demand[1]:.2f} samples/s")
     gpu_demand = demand[1] / args.gpus
-    print(f"\n| source | workers | samples/s | MB/s | first batch (s) | x per-GPU | x per-node | x cluster |")
+    print("\n| source | workers | samples/s | MB/s | first batch (s) | x per-GPU | x per-node | x cluster |")
     print("|---|---|---|---|---|---|---|---|")
     for source, workers, rate, mbs, first in rows:
         print(f"| {source} | {workers} | {rate:.1f} | {mbs:.0f} | {first:.1f} | {rate / gpu_demand:.0f} | "

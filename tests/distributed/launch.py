@@ -19,6 +19,28 @@ from tests.s3_server import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def child_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment for a child process: this checkout importable, one OpenMP thread per rank (2 shared cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def trainer_overrides(humove: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A tiny, fast training run on a test's HuMoVe-mini folder."""
+    return [
+        f"data.path={humove / 'train'}",
+        f"data.stats_path={humove / 'motion_stats.json'}",
+        f"data.null_text_path={humove / 'null_text.pt'}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "model.num_layers=1",
+        "train.progress=false",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]
+
+
 @dataclass
 class TorchrunResult:
     returncode: int
@@ -38,13 +60,10 @@ def run_torchrun(
     """Run `script` on `nproc` local ranks. With check=True, fail unless every rank printed "rank <r> done"."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-        f"--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args,
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args,
     ]
-    child_env = {**os.environ, **(env or {})}
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
-    child_env.setdefault("OMP_NUM_THREADS", "1")
     # A session of its own, so that a timeout kills the ranks along with torchrun.
-    proc = subprocess.Popen(cmd, env=child_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, env=child_env(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)

@@ -14,15 +14,16 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from echomotion.checkpoint import CheckpointManager, load_model_weights
+from echomotion.checkpoint import CheckpointManager
 from echomotion.config import load_config
 from echomotion.data.synthetic import generate_humove_mini
 from echomotion.diffusion.sampler import sample
 from echomotion.distributed import DistEnv
 from echomotion.export import export_checkpoint, load_exported
 from echomotion.metrics import read_metrics
-from echomotion.models import EchoMotionDiT, is_motion_parameter
+from echomotion.models import is_motion_parameter
 from echomotion.train import Trainer, build_model
+from tests.distributed.launch import child_env, trainer_overrides
 from tests.s3_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,27 +36,11 @@ def humove(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def overrides(humove: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.path={humove / 'train'}",
-        f"data.stats_path={humove / 'motion_stats.json'}",
-        f"data.null_text_path={humove / 'null_text.pt'}",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        f"train.run_dir={run_dir}",
-        "train.progress=false",
-        "model.num_layers=1",
-        *extra,
-    ]
-
-
 def launch(nproc: int, args: list[str], env: Optional[dict] = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "echomotion.train",
            "--config", str(ROOT / "configs/tiny.yaml"), *args]
-    child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), child_env.get("PYTHONPATH", "")) if p)
-    return subprocess.Popen(cmd, env=child_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, env=child_env(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -97,7 +82,7 @@ def logged_step(run_dir: Path, step: int) -> Callable[[], bool]:
 def straight(humove: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """8 uninterrupted Phase 2 steps on 2 ranks: the reference every interrupted run must reproduce bit for bit."""
     run = tmp_path_factory.mktemp("straight")
-    finish(launch(2, overrides(humove, run, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")), 2)
+    finish(launch(2, trainer_overrides(humove, run, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")), 2)
     ref = losses(run)
     assert sorted(ref) == list(range(1, 9))
     return ref
@@ -105,7 +90,7 @@ def straight(humove: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int
 
 @pytest.mark.parametrize("kill_point", ["after_step_3", "after_checkpoint_4"])
 def test_resume_after_sigkill_is_bit_exact(humove: Path, tmp_path: Path, straight: dict[int, float], kill_point: str) -> None:
-    args = overrides(humove, tmp_path, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")
+    args = trainer_overrides(humove, tmp_path, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")
     first = launch(2, args)
     if kill_point == "after_step_3":
         kill_when(first, logged_step(tmp_path, 3))
@@ -119,7 +104,7 @@ def test_resume_after_sigkill_is_bit_exact(humove: Path, tmp_path: Path, straigh
 
 
 def test_kill_during_save_never_leaves_a_broken_latest(humove: Path, tmp_path: Path, straight: dict[int, float]) -> None:
-    args = overrides(humove, tmp_path, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")
+    args = trainer_overrides(humove, tmp_path, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")
     crashed = launch(2, args, env={"ECHOMOTION_FAULT_KILL_DURING_SAVE": "4"})
     out, _ = crashed.communicate(timeout=300)
     assert "rank 0 done" not in out
@@ -132,7 +117,7 @@ def test_kill_during_save_never_leaves_a_broken_latest(humove: Path, tmp_path: P
 
 
 def in_process_trainer(humove: Path, run_dir: Path, *extra: str) -> Trainer:
-    cfg = load_config(ROOT / "configs/tiny.yaml", overrides(humove, run_dir, *extra))
+    cfg = load_config(ROOT / "configs/tiny.yaml", trainer_overrides(humove, run_dir, *extra))
     return Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
 
 
@@ -161,9 +146,8 @@ def test_phase1_freezes_video_phase2_trains_both(humove: Path, tmp_path: Path) -
 
 def test_sigterm_saves_and_exits_zero(humove: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "echomotion.train", "--config", str(ROOT / "configs/tiny.yaml"),
-           *overrides(humove, tmp_path, "train.phase=1", "train.steps=10000", "train.checkpoint_every=10000")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           *trainer_overrides(humove, tmp_path, "train.phase=1", "train.steps=10000", "train.checkpoint_every=10000")]
+    proc = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while 2 not in losses(tmp_path):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]

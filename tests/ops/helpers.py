@@ -11,33 +11,14 @@ from typing import Callable, Mapping, Optional
 
 import psutil
 
+from tests.distributed.launch import child_env, trainer_overrides  # noqa: F401 (re-exported for the ops tests)
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs/tiny.yaml")
 
 
-def trainer_overrides(humove: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A tiny, fast run on the test's HuMoVe-mini."""
-    return [
-        f"data.path={humove / 'train'}",
-        f"data.stats_path={humove / 'motion_stats.json'}",
-        f"data.null_text_path={humove / 'null_text.pt'}",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "model.num_layers=1",
-        "train.progress=false",
-        f"train.run_dir={run_dir}",
-        *extra,
-    ]
-
-
 def launcher(*args: str) -> list[str]:
     return [sys.executable, "-m", "launcher", *args]
-
-
-def child_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 def start(cmd: list[str], log: Path, env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
