@@ -155,12 +155,36 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run splits over its processes (parallel/, docs/parallelism.md). The product
+    dp_replicate x dp_shard x sp x tp must equal the world size; dp_shard=-1 fills what the others leave."""
+
+    dp_replicate: int = 1  # HSDP replica groups (each holds a full sharded copy); 1 = plain FSDP
+    dp_shard: int = -1  # FSDP/ZeRO-3 shard degree over data-parallel ranks; -1 = world / (dp_replicate x sp x tp)
+    sp: int = 1  # Ulysses sequence parallel: ranks that split one sample's [video; motion] tokens
+    tp: int = 1  # tensor parallel: ranks that split every expert's linears (heads, FFN width)
+    engine: str = "fsdp"  # "fsdp": torch FSDP2 (+ DTensor TP); "deepspeed": DeepSpeed ZeRO-3 (no TP)
+    deepspeed_config: Optional[str] = None  # JSON whose keys override the DeepSpeed config generated from this one
+    zero_stage: int = 3  # DeepSpeed ZeRO stage (engine=deepspeed)
+    reshard_after_forward: bool = True  # FSDP2: free gathered parameters after each block's forward (ZeRO-3 style)
+    param_dtype: str = "fp32"  # FSDP2 compute dtype of gathered parameters: "fp32" | "bf16" (modulation and norms stay fp32)
+    reduce_dtype: str = "fp32"  # FSDP2 gradient reduce-scatter dtype
+    cpu_offload: bool = False  # FSDP2: keep sharded parameters, gradients and optimizer state in host memory
+    activation_checkpointing: str = "none"  # "none" | "full" (every block) | "every_k" (every k-th block, k = ac_every)
+    ac_every: int = 2
+    compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
+    fp8: str = "none"  # "none" | "te": expert linears as Transformer Engine modules under fp8_autocast (CUDA only)
+    fp8_recipe: str = "delayed"  # "delayed" | "current" scaling
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -282,6 +306,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"sample.shift={s.shift} must be > 0")
     problems += _data_problems(cfg.data)
     problems += _train_problems(cfg.train)
+    problems += _parallel_problems(cfg.parallel, m)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -349,4 +374,43 @@ def _train_problems(t: TrainConfig) -> list[str]:
         problems.append(f"train.resume={t.resume!r} is neither 'auto', 'never' nor an existing checkpoint folder")
     if t.init_wan and t.init_from:
         problems.append("set only one of train.init_wan (pretrained Wan) and train.init_from (an EchoMotion checkpoint)")
+    return problems
+
+
+def _parallel_problems(p: ParallelConfig, m: ModelConfig) -> list[str]:
+    """Layout checks that need no world size (parallel.mesh checks the product against it at start-up)."""
+    problems = []
+    for key in ("dp_replicate", "sp", "tp", "ac_every"):
+        if getattr(p, key) < 1:
+            problems.append(f"parallel.{key}={getattr(p, key)} must be >= 1")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        problems.append(f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 to fill the world size")
+    if p.tp >= 1 and p.sp >= 1 and m.num_heads % (p.tp * p.sp):
+        valid = [(t, s) for t in range(1, m.num_heads + 1) for s in range(1, m.num_heads + 1) if m.num_heads % (t * s) == 0]
+        problems.append(
+            f"model.num_heads={m.num_heads} is not divisible by parallel.tp x parallel.sp = {p.tp} x {p.sp}: TP splits the "
+            f"heads and Ulysses scatters the rest; valid (tp, sp) pairs: {', '.join(f'({t}, {s})' for t, s in valid)}"
+        )
+    if p.tp > 1 and (m.ffn_dim % p.tp or m.dim % p.tp):
+        problems.append(f"parallel.tp={p.tp} must divide model.dim={m.dim} and model.ffn_dim={m.ffn_dim}")
+    if p.engine not in ("fsdp", "deepspeed"):
+        problems.append(f"parallel.engine={p.engine!r}: choose 'fsdp' (torch FSDP2) or 'deepspeed' (ZeRO)")
+    if p.engine == "deepspeed":
+        if p.tp > 1:
+            problems.append("parallel.engine=deepspeed does not combine with tensor parallel: set parallel.tp=1, or use engine=fsdp")
+        if p.dp_replicate > 1:
+            problems.append("parallel.engine=deepspeed shards over all data-parallel ranks: set parallel.dp_replicate=1")
+        if p.zero_stage not in (1, 2, 3):
+            problems.append(f"parallel.zero_stage={p.zero_stage}: choose 1, 2 or 3")
+        if p.deepspeed_config is not None and not Path(p.deepspeed_config).is_file():
+            problems.append(f"parallel.deepspeed_config={p.deepspeed_config} is not a file")
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(p, key) not in ("fp32", "bf16"):
+            problems.append(f"parallel.{key}={getattr(p, key)!r}: choose 'fp32' or 'bf16'")
+    if p.activation_checkpointing not in ("none", "full", "every_k"):
+        problems.append(f"parallel.activation_checkpointing={p.activation_checkpointing!r}: choose 'none', 'full' or 'every_k'")
+    if p.fp8 not in ("none", "te"):
+        problems.append(f"parallel.fp8={p.fp8!r}: choose 'none' or 'te' (Transformer Engine, CUDA only)")
+    if p.fp8_recipe not in ("delayed", "current"):
+        problems.append(f"parallel.fp8_recipe={p.fp8_recipe!r}: choose 'delayed' or 'current'")
     return problems

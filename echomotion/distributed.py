@@ -55,14 +55,6 @@ def shutdown(clean: bool = True) -> None:
             dist.destroy_process_group()
 
 
-def all_reduce_mean(values: list[float], world_size: int, device: torch.device) -> list[float]:
-    if world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world_size).tolist()
-
-
 def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     """True on every rank if it is true on any rank (so all ranks take the same branch)."""
     if world_size == 1:

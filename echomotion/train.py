@@ -9,7 +9,7 @@ resumes from its newest complete checkpoint by default (`train.resume=auto`); SI
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -22,15 +22,16 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+from parallel import ParallelContext, build_parallel, parallelize
+from parallel.clip import clip_grad_norm_
 
 from .checkpoint import CheckpointManager, load_model_weights
 from .config import Config, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
-from .distributed import DistEnv, all_reduce_mean, any_rank, init_distributed, shutdown
+from .distributed import DistEnv, any_rank, init_distributed, shutdown
 from .metrics import MetricsLog, PrometheusExporter, peak_flops_per_device, training_flops
 from .models import EchoMotionDiT, is_motion_parameter
 from .motion.smpl import MOTION_TOKENS_PER_FRAME
@@ -127,18 +128,17 @@ class Trainer:
         if t.precision == "bf16" and env.device.type != "cuda":
             raise TrainingError("train.precision=bf16 uses CUDA autocast; on CPU use train.precision=fp32")
 
-        self.model = build_model(cfg).to(env.device)
+        self.par: ParallelContext = build_parallel(cfg.parallel, cfg.model, env.rank, env.world_size, env.device)
+        self.model = parallelize(build_model(cfg).to(env.device), self.par, cfg, env.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.net: nn.Module = self.model
-        if env.world_size > 1:
-            self.net = DistributedDataParallel(self.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, t))
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if t.ema_decay > 0 else None
         self.ckpt = CheckpointManager(self.run_dir, t.keep_last, env.rank)
         self.null_text = load_null_text(cfg).to(env.device)
         self.dataset, self.loader = build_dataloader(
-            cfg, rank=env.rank, world_size=env.world_size, cache_dir=self.run_dir / "data_cache"
+            cfg, rank=env.rank, world_size=env.world_size, replication=self.par.layout.replication,
+            cache_dir=self.run_dir / "data_cache",
         )
         self.step, self.skipped, self.nan_streak, self.restarts = 0, 0, 0, 0
         self._resume()
@@ -157,12 +157,12 @@ class Trainer:
             return
         meta, extra = self.ckpt.load(path, self.model, self.optimizer, self.ema)
         self.step = meta["step"]
-        if extra is not None:
+        if extra is not None and meta.get("layout") == dataclasses.asdict(self.par.layout):
             self.scheduler.load_state_dict(extra["scheduler"])
             self.loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"])
             self.skipped, self.nan_streak = extra["skipped"], extra["nan_streak"]
-        else:  # written by a different world size: rebuild what is not per-rank
+        else:  # written by a different layout: rebuild what is not per-rank
             self.scheduler.last_epoch = self.step
             self.loader.load_state_dict(meta["loader"])
         self.restarts = meta.get("restarts", 0) + 1
@@ -184,6 +184,7 @@ class Trainer:
         meta = {
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
             "world_size": self.env.world_size,
+            "layout": dataclasses.asdict(self.par.layout),
             "loader": loader_state,
             "has_ema": self.ema is not None,
             "restarts": self.restarts,
@@ -207,7 +208,8 @@ class Trainer:
             if empty_passes == 2:
                 raise TrainingError(f"the data loader yielded nothing: check data.path={self.cfg.data.path} holds samples")
 
-    def _micro_step(self, batch: Batch, micro: int, last: bool) -> tuple[float, dict[str, float]]:
+    def _micro_step(self, batch: Batch, micro: int, last: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward of one micro-batch; returns this rank's share of the global loss (see training_loss)."""
         t, dev = self.cfg.train, self.env.device
         tb = TrainingBatch(
             text=batch.text.to(dev, torch.float32),
@@ -216,34 +218,41 @@ class Trainer:
             video=None if batch.video is None else batch.video.to(dev, torch.float32),
         )
         gens = [sample_generator(t.seed, self.step + 1, micro, cid) for cid in batch.clip_ids]
-        sync = last or not isinstance(self.net, DistributedDataParallel)
-        ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only after the last micro-batch
+            self.model.set_requires_gradient_sync(last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        with ctx, autocast:
-            loss, logs = training_loss(self.net, tb, t.phase, self.cfg.diffusion, self.null_text, gens)
+        with autocast:
+            loss, logs = training_loss(self.model, tb, t.phase, self.cfg.diffusion, self.null_text, gens, self.par.sum_over_dp)
             if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
                 loss = loss * float("nan")
-            (loss / t.grad_accum).backward()
-        return float(loss.detach()), logs
+            # FSDP averages gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
+            (loss * (self.par.layout.dp / t.grad_accum)).backward()
+        return loss.detach(), logs
 
-    def train_step(self, batches) -> dict[str, Any]:
-        t, env = self.cfg.train, self.env
-        t0 = time.perf_counter()
-        wait, losses, logs, samples, tokens = 0.0, [], {}, 0, 0
+    def forward_backward(self, batches) -> dict[str, Any]:
+        """Accumulate gradients over `train.grad_accum` micro-batches; returns the step's global loss and counters."""
+        t = self.cfg.train
+        wait, shares, logs, samples, tokens = 0.0, [], {}, 0, 0
         for micro in range(t.grad_accum):
             w0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - w0
-            loss, micro_logs = self._micro_step(batch, micro, micro == t.grad_accum - 1)
-            losses.append(loss)
+            share, micro_logs = self._micro_step(batch, micro, micro == t.grad_accum - 1)
+            shares.append(share)
             for k, v in micro_logs.items():
                 logs.setdefault(k, []).append(v)
             samples += len(batch)
             tokens += self._tokens(batch)
+        loss = float(self.par.sum_over_dp(torch.stack(shares).sum()) / t.grad_accum)
+        return {"loss": loss, "logs": logs, "wait": wait, "samples": samples, "tokens": tokens, "batch": batch}
+
+    def train_step(self, batches) -> dict[str, Any]:
+        t, env = self.cfg.train, self.env
+        t0 = time.perf_counter()
+        acc = self.forward_backward(batches)
+        loss = acc["loss"]
         self.step += 1
-        loss = all_reduce_mean([sum(losses) / len(losses)], env.world_size, env.device)[0]
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -262,21 +271,22 @@ class Trainer:
             self._update_ema()
         self.scheduler.step()
         step_time = time.perf_counter() - t0
+        dp = self.par.layout.dp  # the TP x SP ranks of a group hold the same samples
         rec: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
-            **self._mean_logs(logs),
+            **self._mean_logs(acc["logs"]),
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "samples_per_s": samples * env.world_size / step_time,
-            "tokens_per_s": tokens * env.world_size / step_time,
+            "samples_per_s": acc["samples"] * dp / step_time,
+            "tokens_per_s": acc["tokens"] * dp / step_time,
             "step_time": step_time,
-            "data_wait": wait,
+            "data_wait": acc["wait"],
             "skipped_steps": self.skipped,
             "nan_streak": self.nan_streak,
             "memory_bytes": torch.cuda.max_memory_allocated() if env.device.type == "cuda" else None,
         }
-        rec["mfu"] = self._mfu(batch, rec["samples_per_s"])
+        rec["mfu"] = self._mfu(acc["batch"], rec["samples_per_s"])
         return rec
 
     def _tokens(self, batch: Batch) -> int:

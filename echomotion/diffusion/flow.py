@@ -73,13 +73,11 @@ def velocity_target(data: Tensor, noise: Tensor) -> Tensor:
     return noise - data
 
 
-def flow_loss(pred: Tensor, target: Tensor, sample_weight: Tensor, frame_mask: Optional[Tensor] = None) -> Tensor:
-    """Masked MSE: the mean squared error over the elements that count.
+def squared_error(pred: Tensor, target: Tensor, sample_weight: Tensor, frame_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(sum of squared errors, number of elements) over the elements that count.
 
     pred/target [B, ...]; `sample_weight` [B] (0 = this sample does not generate the modality: a condition or absent);
-    `frame_mask` [B, F] for [B, F, ...] tensors (False = padded frame). The mean is over all counted elements of the batch
-    (like a token-level LM loss), so padded frames and conditioning samples neither add error nor dilute the mean. With
-    nothing to count it returns a 0 that is still connected to `pred`, so every parameter gets a (zero) gradient.
+    `frame_mask` [B, F] for [B, F, ...] tensors (False = padded frame).
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -89,5 +87,16 @@ def flow_loss(pred: Tensor, target: Tensor, sample_weight: Tensor, frame_mask: O
             raise ValueError(f"frame_mask has shape {tuple(frame_mask.shape)}; expected {tuple(pred.shape[:2])}")
         w = w * frame_mask.to(pred.dtype).view(*frame_mask.shape, *([1] * (pred.dim() - 2)))
     w = w.expand_as(pred)
-    total, count = ((pred - target) ** 2 * w).sum(), w.sum()
+    return ((pred - target) ** 2 * w).sum(), w.sum()
+
+
+def safe_mean(total: Tensor, count: Tensor) -> Tensor:
+    """total / count; with nothing to count, a 0 that is still connected to the graph, so every parameter gets a (zero)
+    gradient."""
     return torch.where(count > 0, total / count.clamp_min(torch.finfo(count.dtype).tiny), total)
+
+
+def flow_loss(pred: Tensor, target: Tensor, sample_weight: Tensor, frame_mask: Optional[Tensor] = None) -> Tensor:
+    """Masked MSE: the mean over all counted elements of the batch (like a token-level LM loss), so padded frames and
+    conditioning samples neither add error nor dilute the mean."""
+    return safe_mean(*squared_error(pred, target, sample_weight, frame_mask))

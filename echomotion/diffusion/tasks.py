@@ -16,14 +16,14 @@ All randomness comes from the given torch.Generator, drawn in a fixed order, so 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..config import DiffusionConfig
 from ..models.echomotion import Prediction, Task
-from .flow import add_noise, flow_loss, sample_sigmas, to_timestep, velocity_target
+from .flow import add_noise, safe_mean, sample_sigmas, squared_error, to_timestep, velocity_target
 
 PHASE2_TASKS = (Task.JOINT, Task.M2V, Task.V2M)  # order of DiffusionConfig.task_probs
 GENERATES = {Task.T2M: ("motion",), Task.JOINT: ("video", "motion"), Task.M2V: ("video",), Task.V2M: ("motion",)}
@@ -211,38 +211,45 @@ def training_loss(
     cfg: DiffusionConfig,
     null_text: Tensor,
     generator: Generators = None,
+    count_over: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """One model call on a freshly drawn training example.
 
     Returns the total loss (video_loss_weight * video MSE + motion_loss_weight * motion MSE, each a mean over the generated
-    elements only) and detached float logs: `loss`, `loss/video`, `loss/motion`, and `loss/<task>/<modality>` for every
-    task present in the batch (e.g. `loss/m2v/video`).
+    elements only) and detached float logs of this batch: `loss/video`, `loss/motion`, and `loss/<task>/<modality>` for
+    every task present in the batch (e.g. `loss/m2v/video`).
+
+    `count_over` sums element counts over the data-parallel ranks. With it, each mean divides by the global count, so the
+    returned loss is this rank's share of the global batch's loss: the shares sum to exactly what one process computes on
+    the whole batch, whatever the samples' tasks and lengths on each rank.
     """
     inputs = build_inputs(batch, phase, cfg, null_text, generator)
     out = model(**inputs.kwargs())
     if not isinstance(out, Prediction):
         raise TypeError(f"the model returned {type(out).__name__}; a call with motion must return Prediction(video, motion)")
 
-    def motion_term(weight: Tensor) -> Tensor:
-        return flow_loss(out.motion, inputs.motion_target, weight, inputs.motion_loss_mask)
+    def motion_term(weight: Tensor) -> tuple[Tensor, Tensor]:
+        return squared_error(out.motion, inputs.motion_target, weight, inputs.motion_loss_mask)
 
-    def video_term(weight: Tensor) -> Tensor:
-        return flow_loss(out.video, inputs.video_target, weight)
+    def video_term(weight: Tensor) -> tuple[Tensor, Tensor]:
+        return squared_error(out.video, inputs.video_target, weight)
 
     terms = {"motion": (motion_term, inputs.motion_weight, cfg.motion_loss_weight)}
     if inputs.video is not None:
         terms["video"] = (video_term, inputs.video_weight, cfg.video_loss_weight)
-    per_modality = {name: term(weight) for name, (term, weight, _) in terms.items()}
-    loss = sum(terms[name][2] * value for name, value in per_modality.items())
+    errors = {name: term(weight) for name, (term, weight, _) in terms.items()}
+    counts = torch.stack([count for _, count in errors.values()]).detach()
+    global_counts = count_over(counts) if count_over is not None else counts
+    loss = sum(terms[name][2] * safe_mean(total, n) for (name, (total, _)), n in zip(errors.items(), global_counts))
 
     present = [Task(t) for t in inputs.task.unique().tolist()]
-    values: dict[str, Tensor] = {"loss": loss.detach()}
+    values: dict[str, Tensor] = {}
     with torch.no_grad():
         for name, (term, weight, _) in terms.items():
             generated_by = [t for t in present if name in GENERATES[t]]
             if generated_by:
-                values[f"loss/{name}"] = per_modality[name].detach()
+                values[f"loss/{name}"] = safe_mean(*errors[name]).detach()
             for t in generated_by:
-                values[f"loss/{t.name.lower()}/{name}"] = term(weight * (inputs.task == int(t)).to(weight.dtype))
-    logs = dict(zip(values, torch.stack(list(values.values())).tolist()))
+                values[f"loss/{t.name.lower()}/{name}"] = safe_mean(*term(weight * (inputs.task == int(t)).to(weight.dtype)))
+    logs = dict(zip(values, torch.stack(list(values.values())).tolist())) if values else {}
     return loss, logs

@@ -113,6 +113,21 @@ def joint_key_mask(streams: list[Stream]) -> Optional[Tensor]:
     )
 
 
+class WholeSequence:
+    """The token-sharding seam: which of a modality's tokens this process runs through the blocks.
+
+    One process holds every token. `parallel.ulysses.UlyssesSequence` replaces it to give each sequence-parallel rank a slice
+    of each modality (positions, RoPE and timestep rows are computed for the whole sequence first, then sliced) and to
+    gather the slices again before the output heads.
+    """
+
+    def shard(self, stream: Optional[Stream]) -> Optional[Stream]:
+        return stream
+
+    def gather(self, x: Tensor, length: int) -> Tensor:
+        return x
+
+
 class TaskHint(nn.Module):
     """Learned task embedding -> small MLP, added to every token once at the input (zero-initialized output layer, so a
     freshly added hint leaves the pretrained Wan function unchanged)."""
@@ -156,6 +171,7 @@ class EchoMotionDiT(nn.Module):
         self.motion_embed = MotionEmbed(c.dim, hidden)
         self.motion_head = MotionHead(c.dim, hidden, c.eps)
         self.task_hint = TaskHint(c.dim) if c.task_hint else None
+        self.sequence = WholeSequence()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -203,15 +219,19 @@ class EchoMotionDiT(nn.Module):
         if motion is not None:
             ms = self.embed_motion(motion, motion_timestep, motion_mask, hint, batch, grid[1:] if grid else (0, 0))
 
+        video_in, motion_in = vs, ms
+        vs, ms = self.sequence.shard(vs), self.sequence.shard(ms)
         for block in self.blocks:
             vs, ms = block(vs, ms, context)
 
         v_out = None
         if vs is not None:
-            v_out = unpatchify(self.head(vs.x, vs.cond), grid, self.patch_size, self.config.out_channels).float()
+            x = self.sequence.gather(vs.x, video_in.x.shape[1])
+            v_out = unpatchify(self.head(x, video_in.cond), grid, self.patch_size, self.config.out_channels).float()
         if motion is None:
             return v_out
-        return Prediction(v_out, self.motion_head(ms.x, ms.cond, motion.shape[1]).float())
+        x = self.sequence.gather(ms.x, motion_in.x.shape[1])
+        return Prediction(v_out, self.motion_head(x, motion_in.cond, motion.shape[1]).float())
 
     def embed_video(
         self, video: Tensor, timestep: Optional[Tensor], mask: Optional[Tensor], hint: Optional[Tensor], batch: int

@@ -68,11 +68,15 @@ class TimeCond:
 
 
 class WanAttentionProjections(nn.Module):
-    """Wan's q/k/v/o projections with q/k RMSNorm over the full width (all heads together); shared by both attentions."""
+    """Wan's q/k/v/o projections with q/k RMSNorm over the full width (all heads together); shared by both attentions.
+
+    Heads are counted from the projection width (`head_dim` is fixed), so tensor parallelism may narrow q/k/v to a subset
+    of heads from outside.
+    """
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
-        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -86,7 +90,7 @@ class WanSelfAttention(WanAttentionProjections):
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """[B, L, dim] -> rotated q, k and v as [B, L, heads, head_dim]."""
-        heads = (self.num_heads, -1)
+        heads = (-1, self.head_dim)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
         return q, k, self.v(x).unflatten(-1, heads)
@@ -100,7 +104,7 @@ class WanCrossAttention(WanAttentionProjections):
         self.attend: AttentionFn = sdpa_attention
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        heads = (self.num_heads, -1)
+        heads = (-1, self.head_dim)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
         k = self.norm_k(self.k(context)).unflatten(-1, heads)
         v = self.v(context).unflatten(-1, heads)
