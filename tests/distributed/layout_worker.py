@@ -96,7 +96,7 @@ def main() -> None:
         if trainer.step == 1 and "grads" not in record:
             grads = {n: full(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
             record["grads"] = grads
-            params = [p for p in trainer.model.parameters()]
+            params = list(trainer.model.parameters())
             record["param_grad_bytes"] = local_bytes(params) + local_bytes([p.grad for p in params if p.grad is not None])
 
     trainer.optimizer.register_step_pre_hook(capture)
@@ -111,7 +111,12 @@ def main() -> None:
         if rec["step"] == args.save_at:
             trainer.save()
     state = [s for st in trainer.optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim() > 0]
-    record["optimizer_bytes"] = local_bytes(state)
+    mine = record.get("param_grad_bytes", 0) + local_bytes(state)
+    if env.world_size > 1:  # the largest rank's parameter + gradient + optimizer bytes
+        every = [0] * env.world_size
+        torch.distributed.all_gather_object(every, mine)
+        mine = max(every)
+    record["state_bytes"] = mine
     if env.is_main:
         torch.save(record, args.out)
     print(f"rank {env.rank} done", flush=True)
