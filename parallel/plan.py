@@ -169,7 +169,7 @@ class Estimate:
     time: StepTime
     tokens_per_step: int  # video + motion tokens of the global batch (no padding)
     flops_per_step: float  # model training FLOPs of the global batch (no recompute), for MFU
-    reasons: list[str] = field(default_factory=list)  # why the layout is infeasible; empty = feasible
+    reasons: dict[str, str] = field(default_factory=dict)  # why it cannot run, by kind (heads, tp, node, memory)
 
     @property
     def feasible(self) -> bool:
@@ -449,3 +449,137 @@ def _outside_blocks(m: ModelConfig, w: Workload, video: int, motion: int, text: 
         head_in = 4 * d * (1 + grouped) if w.precision == "fp32" else 2 * d
         total += b * motion * (8 * d + 8 + head_in + 2 * a * hidden)
     return total
+
+
+# ----------------------------------------------------------------------------------------------------------- time
+def layer_forward_flops(m: ModelConfig, video: int, motion: int, text: int) -> list[float]:
+    """Forward FLOPs of each block for one sample, from `echomotion.metrics.forward_flops` (a one-layer model minus
+    a zero-layer one, so embeddings and heads cancel)."""
+    base = forward_flops(dataclasses.replace(m, num_layers=0, dual_layers="none"), video, motion, text)
+    one = {
+        dual: forward_flops(dataclasses.replace(m, num_layers=1, dual_layers="0" if dual else "none"), video, motion, text) - base
+        for dual in (False, True)
+    }
+    dual_layers = set(dual_layer_indices(m))
+    return [one[i in dual_layers] for i in range(m.num_layers)]
+
+
+def _bandwidth(hw: Hardware, span: int) -> float:
+    """A group whose ranks lie within `span` consecutive ranks talks over NVLink if that fits in one node."""
+    return hw.intra_bw if span <= hw.gpus_per_node else hw.inter_bw
+
+
+def step_time(m: ModelConfig, w: Workload, layout: Layout, hw: Hardware) -> StepTime:
+    """Compute and communication of one optimizer step (see the module docstring for the model)."""
+    video, motion, text = token_counts(m, w)
+    b, d, tp, sp, a = w.micro_batch, m.dim, layout.tp, layout.sp, DTYPE_BYTES[w.precision]
+    ckpt = checkpointed_blocks(m, layout.ac, w.ac_every)
+    recompute = sum(layer_forward_flops(m, video, motion, text)[i] for i in ckpt)
+    flops = b * (training_flops(m, video, motion, text) + recompute) / (tp * sp)
+    compute = flops / (hw.peak_flops * hw.mfu)
+
+    fsdp = 0.0
+    if layout.fsdp:
+        by_block = _local_numel_by_block(parameter_inventory(m), tp)
+        local, root = sum(by_block.values()), by_block.get(None, 0)
+        n = layout.shard
+        frac = (n - 1) / n
+        gathered = frac * (2 * local - root) * DTYPE_BYTES[w.param_dtype]  # forward + backward (blocks reshard)
+        reduced = frac * local * DTYPE_BYTES[w.reduce_dtype]
+        fsdp = (gathered + reduced) / _bandwidth(hw, n * tp)
+        r = layout.dp_replicate
+        if r > 1:
+            fsdp += 2 * (r - 1) / r * local / n * DTYPE_BYTES[w.reduce_dtype] / _bandwidth(hw, layout.gpus)
+    exposed = max(fsdp - compute, 0.0) + fsdp / m.num_layers if fsdp else 0.0
+
+    streams = layer_streams(m, *(math.ceil(n / sp) for n in (video, motion)))
+    ulysses = 0.0
+    if sp > 1:
+        bw = _bandwidth(hw, sp * tp)
+        # q and k leave RoPE in fp32 unless the weights themselves are bf16 (FSDP2 param_dtype); v and out are `a` wide
+        qk = 2 if w.precision == "bf16" and layout.fsdp and w.param_dtype == "bf16" else 4
+        for i, st in enumerate(streams):
+            passes = 3 if i in ckpt else 2  # forward, backward, recompute
+            ulysses += passes * (sp - 1) / sp * b * sum(st) * d / tp * (2 * qk + 2 * a) / bw
+        # gather before the heads and its reduce-scatter (fp32 residual), each modality
+        ulysses += 2 * (sp - 1) / sp * b * (video + motion) * d * 4 / bw
+    tp_time = 0.0
+    if tp > 1:
+        ring = 2 * (tp - 1) / tp / _bandwidth(hw, tp)
+        for i, st in enumerate(streams):
+            for tokens in st:
+                count = 3 * (3 if i in ckpt else 2)
+                tp_time += ring * (count * b * tokens * d + b * text * d) * a
+    return StepTime(compute, fsdp, ulysses, tp_time, exposed)
+
+
+# ------------------------------------------------------------------------------------------------------- planning
+def estimate(m: ModelConfig, w: Workload, layout: Layout, hw: Hardware) -> Estimate:
+    """Memory and step time of one layout, with the reasons it cannot run (if any)."""
+    reasons = {}
+    if m.num_heads % (layout.tp * layout.sp):
+        reasons["heads"] = f"num_heads={m.num_heads} is not divisible by tp x sp = {layout.tp * layout.sp}"
+    if m.dim % layout.tp or m.ffn_dim % layout.tp:
+        reasons["tp"] = f"tp={layout.tp} does not divide dim={m.dim} and ffn_dim={m.ffn_dim}"
+    if layout.tp > hw.gpus_per_node or hw.gpus_per_node % layout.tp:
+        reasons["node"] = f"tp={layout.tp} does not fit within a node of {hw.gpus_per_node} GPUs"
+    params, grads, optimizer = state_bytes(m, layout, w)
+    acts = activation_bytes(m, w, layout)
+    memory = Memory(params, grads, optimizer, acts.peak)
+    usable = (hw.mem_gib - hw.reserve_gib) * GIB
+    if memory.total > usable:
+        reasons["memory"] = f"needs {memory.total / GIB:.1f} GiB per GPU; {usable / GIB:.1f} GiB usable"
+    video, motion, text = token_counts(m, w)
+    dp_samples = w.micro_batch * layout.dp
+    return Estimate(
+        layout,
+        memory,
+        step_time(m, w, layout, hw),
+        tokens_per_step=dp_samples * (video + motion),
+        flops_per_step=dp_samples * training_flops(m, video, motion, text),
+        reasons=reasons,
+    )
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def layouts(gpus: int, ac_modes: tuple[str, ...] = AC_MODES) -> list[Layout]:
+    """Every (tp, sp, dp_shard, dp_replicate, AC) whose degrees multiply to `gpus`."""
+    return [
+        Layout(tp, sp, dp // rep, rep, ac)
+        for tp in divisors(gpus)
+        for sp in divisors(gpus // tp)
+        for dp in [gpus // (tp * sp)]
+        for rep in divisors(dp)
+        for ac in ac_modes
+    ]
+
+
+def plan(m: ModelConfig, gpus: int, w: Workload, hw: Hardware = Hardware()) -> list[Estimate]:
+    """Every layout for `gpus`: feasible ones first, fastest first (ties: less memory), then the infeasible ones."""
+    check_inputs(m, gpus, w, hw)
+    found = [estimate(m, w, layout, hw) for layout in layouts(gpus)]
+    return sorted(found, key=lambda e: (not e.feasible, e.time.total, e.memory.total))
+
+
+def check_inputs(m: ModelConfig, gpus: int, w: Workload, hw: Hardware) -> None:
+    """Clear errors for inputs the model cannot mean."""
+    if gpus < 1:
+        raise PlanError(f"gpus={gpus} must be a positive number of GPUs")
+    if w.micro_batch < 1 or w.ac_every < 1:
+        raise PlanError(f"micro_batch={w.micro_batch} and ac_every={w.ac_every} must be >= 1")
+    if w.text_len is not None and w.text_len < 1:
+        raise PlanError(f"text_len={w.text_len} must be >= 1")
+    for key in ("precision", "param_dtype", "reduce_dtype"):
+        if getattr(w, key) not in DTYPE_BYTES:
+            raise PlanError(f"{key}={getattr(w, key)!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    for key in ("mem_gib", "peak_flops", "intra_bw", "inter_bw", "gpus_per_node"):
+        if getattr(hw, key) <= 0:
+            raise PlanError(f"{key}={getattr(hw, key)} must be > 0")
+    if not 0 < hw.mfu <= 1:
+        raise PlanError(f"mfu={hw.mfu} must be in (0, 1]")
+    if not 0 <= hw.reserve_gib < hw.mem_gib:
+        raise PlanError(f"reserve_gib={hw.reserve_gib} must be >= 0 and below mem_gib={hw.mem_gib}")
+    token_counts(m, w)
