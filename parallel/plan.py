@@ -109,7 +109,9 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
+    """One layout the planner weighs (parallel.mesh.Layout's degrees plus the activation checkpointing mode)."""
+
     tp: int
     sp: int
     dp_shard: int
@@ -164,7 +166,7 @@ class StepTime:
 
 @dataclass
 class Estimate:
-    layout: Layout
+    layout: Candidate
     memory: Memory
     time: StepTime
     tokens_per_step: int  # video + motion tokens of the global batch (no padding)
@@ -306,7 +308,7 @@ def parameter_count(m: ModelConfig) -> int:
     return sum(p.numel for p in parameter_inventory(m))
 
 
-def state_bytes(m: ModelConfig, layout: Layout, w: Workload) -> tuple[float, float, float]:
+def state_bytes(m: ModelConfig, layout: Candidate, w: Workload) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes per GPU; see the module docstring."""
     inv = parameter_inventory(m)
     sharded = sum(p.shard_numel(layout.tp, layout.shard) for p in inv)
@@ -392,7 +394,7 @@ def layer_streams(m: ModelConfig, video: int, motion: int) -> list[list[int]]:
     return [[s for s in ([video] + ([motion] if i in dual else [])) if s > 0] for i in range(m.num_layers)]
 
 
-def activation_bytes(m: ModelConfig, w: Workload, layout: Layout) -> Activations:
+def activation_bytes(m: ModelConfig, w: Workload, layout: Candidate) -> Activations:
     """Activation memory of one GPU for one micro-batch (see `Saved` and the module docstring).
 
     With bf16 autocast over fp32 weights (no FSDP, or FSDP with param_dtype fp32), autocast's bf16 copy of every matmul
@@ -469,7 +471,7 @@ def _bandwidth(hw: Hardware, span: int) -> float:
     return hw.intra_bw if span <= hw.gpus_per_node else hw.inter_bw
 
 
-def step_time(m: ModelConfig, w: Workload, layout: Layout, hw: Hardware) -> StepTime:
+def step_time(m: ModelConfig, w: Workload, layout: Candidate, hw: Hardware) -> StepTime:
     """Compute and communication of one optimizer step (see the module docstring for the model)."""
     video, motion, text = token_counts(m, w)
     b, d, tp, sp, a = w.micro_batch, m.dim, layout.tp, layout.sp, DTYPE_BYTES[w.precision]
@@ -514,7 +516,7 @@ def step_time(m: ModelConfig, w: Workload, layout: Layout, hw: Hardware) -> Step
 
 
 # ------------------------------------------------------------------------------------------------------- planning
-def estimate(m: ModelConfig, w: Workload, layout: Layout, hw: Hardware) -> Estimate:
+def estimate(m: ModelConfig, w: Workload, layout: Candidate, hw: Hardware) -> Estimate:
     """Memory and step time of one layout, with the reasons it cannot run (if any)."""
     reasons = {}
     if m.num_heads % (layout.tp * layout.sp):
@@ -545,10 +547,10 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def layouts(gpus: int, ac_modes: tuple[str, ...] = AC_MODES) -> list[Layout]:
+def layouts(gpus: int, ac_modes: tuple[str, ...] = AC_MODES) -> list[Candidate]:
     """Every (tp, sp, dp_shard, dp_replicate, AC) whose degrees multiply to `gpus`."""
     return [
-        Layout(tp, sp, dp // rep, rep, ac)
+        Candidate(tp, sp, dp // rep, rep, ac)
         for tp in divisors(gpus)
         for sp in divisors(gpus // tp)
         for dp in [gpus // (tp * sp)]

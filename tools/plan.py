@@ -46,10 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def row(e: Estimate, hw: Hardware) -> list[str]:
+def row(e: Estimate, hw: Hardware, every: int) -> list[str]:
     lay, mem = e.layout, e.memory
     gib = [f"{x / GIB:.1f}" for x in (mem.params, mem.grads, mem.optimizer, mem.activations, mem.total)]
-    ac = lay.ac
+    ac = f"every_{every}" if lay.ac == "every_k" else lay.ac
     return [str(lay.tp), str(lay.sp), str(lay.dp_shard), str(lay.dp_replicate), ac, *gib,
             f"{e.time.total:.2f}", f"{e.tokens_per_s:,.0f}", f"{e.mfu(hw):.2f}"]
 
@@ -63,7 +63,8 @@ def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.ljust(w) if i == 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no layout fits; the least memory-hungry, {closest.layout}: {'; '.join(closest.reasons.values())}",
               file=sys.stderr)
         return 1
-    print(table([row(e, hw) for e in feasible[: a.top]]))
+    print(table([row(e, hw, a.ac_every) for e in feasible[: a.top]]))
     return 0
 
 
