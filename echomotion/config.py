@@ -306,7 +306,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"sample.shift={s.shift} must be > 0")
     problems += _data_problems(cfg.data)
     problems += _train_problems(cfg.train)
-    problems += _parallel_problems(cfg.parallel, m)
+    problems += _parallel_problems(cfg.parallel, m, cfg.train.precision)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -377,7 +377,7 @@ def _train_problems(t: TrainConfig) -> list[str]:
     return problems
 
 
-def _parallel_problems(p: ParallelConfig, m: ModelConfig) -> list[str]:
+def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str) -> list[str]:
     """Layout checks that need no world size (parallel.mesh checks the product against it at start-up)."""
     problems = []
     for key in ("dp_replicate", "sp", "tp", "ac_every"):
@@ -404,6 +404,9 @@ def _parallel_problems(p: ParallelConfig, m: ModelConfig) -> list[str]:
             problems.append(f"parallel.zero_stage={p.zero_stage}: choose 1, 2 or 3")
         if p.deepspeed_config is not None and not Path(p.deepspeed_config).is_file():
             problems.append(f"parallel.deepspeed_config={p.deepspeed_config} is not a file")
+    if p.param_dtype == "bf16" and train_precision != "bf16":
+        problems.append("parallel.param_dtype=bf16 gathers bf16 weights, which only bf16 autocast can multiply: set "
+                        "train.precision=bf16 (CUDA), or keep parallel.param_dtype=fp32")
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(p, key) not in ("fp32", "bf16"):
             problems.append(f"parallel.{key}={getattr(p, key)!r}: choose 'fp32' or 'bf16'")

@@ -1,51 +1,52 @@
-"""Layout planner: which (tp, sp, dp_shard, dp_replicate, activation checkpointing) fits a cluster, and roughly how fast.
+"""Layout planner: which (tp, sp, dp_shard, dp_replicate, activation checkpointing) fits, and roughly how fast.
 
 Pure arithmetic on the model config: no process group, no GPU. `tools/plan.py` prints its ranking; docs/parallelism.md
-shows its output and explains the layouts. The estimates are a model, not a measurement; what it assumes:
+shows its output and explains the layouts. The numbers are estimates from a model, not measurements. It assumes:
 
 Tokens. Wan's causal VAE maps `frames` video frames to 1 + (frames - 1) / 4 latent frames, and space by 16 for a
-48-channel latent (Wan2.2-TI2V-5B's VAE) or by 8 otherwise (Wan2.1's 16-channel VAE); the preset's patch then gives the
-video tokens. Motion is 51 tokens per frame, `motion_frames` defaulting to `frames`. Under Ulysses each modality is padded
-to a multiple of sp. Timesteps are one per sample and modality (the trainer's tasks), so modulation stays [B, 1, dim].
+48-channel latent (Wan2.2-TI2V-5B's VAE) or by 8 otherwise (Wan2.1's 16-channel VAE); the preset's patch gives the
+video tokens. Motion is 51 tokens per frame, `motion_frames` defaulting to `frames`. Under Ulysses each modality is
+padded to a multiple of sp. One timestep per sample and modality (the trainer's tasks): modulation stays [B, 1, dim].
 
-Parameters, gradients, optimizer (per GPU, the most loaded rank). The inventory mirrors `EchoMotionDiT` tensor by tensor
-(tests/unit/test_plan.py checks it exactly). TP splits the expert linears (q/k/v/ffn.0 by rows, o/ffn.2 by columns) and the
-q/k RMSNorm weights; everything else is replicated over TP. FSDP2 then shards dim 0 of every (TP-local) tensor over the
-dp_shard x sp ranks, padding it to a multiple of that size (a [1, 6, dim] modulation table costs a full copy on every rank).
-Sharded master parameters, gradients and both AdamW moments are fp32 whatever `param_dtype` is (FSDP2 keeps the sharded
-tensors in their original dtype; `param_dtype` only sets the gathered copy), plus AdamW's 4-byte `step` per tensor:
-16 bytes per parameter. All parameters are trainable (Phase 2). When FSDP is applied, the "params" column adds the
-gathered copies in `param_dtype` (the root module, kept gathered through the step, and two blocks: the running one and
-the prefetched one) and "grads" adds the unsharded gradients in `param_dtype` (the root's and one block's).
+Parameters, gradients, optimizer (per GPU, the most loaded rank). The inventory mirrors `EchoMotionDiT` tensor by
+tensor (tests/unit/test_plan.py checks it). TP splits the expert linears (q/k/v/ffn.0 by rows, o/ffn.2 by columns) and
+the q/k RMSNorm weights; the rest is replicated over TP. FSDP2 shards dim 0 of every TP-local tensor over the
+dp_shard x sp ranks, padded to a multiple of that size (a [1, 6, dim] modulation table costs a full copy per rank).
+Sharded master weights, gradients and both AdamW moments are fp32 whatever `param_dtype` is (FSDP2 keeps sharded
+tensors in their own dtype; `param_dtype` sets the gathered copy), plus AdamW's 4-byte `step` per tensor: 16 bytes per
+parameter. All parameters are trainable (Phase 2). With FSDP on, "params" adds the gathered copies in `param_dtype` (the
+root module, not resharded after the forward, and two blocks: the running and the prefetched one) and "grads" the
+unsharded gradients in `param_dtype` (the root's and one block's).
 
-Activations (per GPU). Bytes autograd saves, counted from what the model's ops save (see `SAVED`): per token and expert
-and layer, split by whether the tensor has the full width (residual stream, fp32 norm inputs and outputs, modulated linear
-inputs, row-parallel outputs), width / tp (column-parallel outputs, attention q/k/v/out), ffn_dim / tp, heads / tp (the
-attention's fp32 log-sum-exp) or is a per-token scalar (norm statistics); RoPE rotation tables are per token but carry no
-batch axis; cross-attention saves k/v per text token. bf16 is `train.precision=bf16` (autocast) with fp32 parameters: Wan's
-norms and modulation stay fp32, so the residual stream is fp32 and each column-parallel linear saves its own bf16 copy of
-its input. Attention is flash-style (no L x L tensor). Under Ulysses a rank holds 1/sp of every modality's tokens in the
-blocks; text, the embeddings and the output heads are full-size on every rank (tokens are sliced after the embedding and
-gathered before the heads). Activation checkpointing keeps only each checkpointed block's input residual stream(s) and,
-during the backward, the recomputed activations of one block; `every_k` checkpoints blocks 0, k, 2k, ...
-Not modelled: allocator fragmentation, CUDA context, NCCL buffers and backward temporaries, covered by `reserve_gib`.
+Activations (per GPU). What autograd saves, tallied from the model's ops (see `Saved`): per token, expert and layer, by
+whether a tensor has the full width (residual stream, fp32 norm inputs and outputs, modulated linear inputs,
+row-parallel outputs), width / tp (column-parallel outputs, attention q/k/v/out), ffn_dim / tp, heads / tp (the fp32
+log-sum-exp) or is a per-token scalar (norm statistics); RoPE rotations per token without a batch axis; cross-attention
+k/v per text token. bf16 means `train.precision=bf16` (autocast): Wan's norms and modulation stay fp32, so the residual
+stream is fp32, each column-parallel linear saves its own bf16 copy of its input, and over fp32 weights (no FSDP, or
+param_dtype fp32) autocast's bf16 copy of every matmul weight is kept for the backward too. Attention is flash-style (no
+L x L tensor). Under Ulysses a rank holds 1/sp of each modality's tokens in the blocks; text, embeddings and output heads
+are full-size on every rank (tokens are sliced after the embeddings and gathered before the heads). Checkpointing keeps
+each checkpointed block's input residual stream(s) and, in the backward, the recomputed activations of one block;
+`every_k` checkpoints blocks 0, k, 2k, ... (parallel/activation.py). Not modelled: CUDA context, NCCL buffers,
+allocator fragmentation and backward temporaries, left to `reserve_gib`.
 
-Step time = compute + exposed communication, for one micro-batch per data-parallel rank (no gradient accumulation).
-- compute: `echomotion.metrics.training_flops` per sample (3x forward) plus one more forward of every checkpointed block,
-  divided by tp x sp GPUs each at `peak_flops x mfu` (an assumed utilization, not a measurement).
-- FSDP: all-gather of parameters (param_dtype) in the forward and again in the backward (reshard after forward), and a
-  reduce-scatter of gradients (reduce_dtype), each moving (n - 1) / n of the TP-local parameters per GPU; HSDP adds a ring
-  all-reduce of the sharded gradients across replicas. FSDP prefetch overlaps this with compute: exposed = the part
-  exceeding compute, plus one layer's share (the first gather and the last reduce-scatter cannot overlap).
-- Ulysses: per joint self-attention 4 all-to-alls (q, k, v, out) forward, 4 backward, 4 more when the block is
-  recomputed, each sending (sp - 1) / sp of the local [B, L/sp, heads/tp, head_dim] tensor; plus the all-gather of the
-  tokens before the heads and its reduce-scatter in the backward (fp32). Fully exposed (on the critical path).
+Step time = compute + exposed communication, one micro-batch per data-parallel rank (no gradient accumulation).
+- compute: `echomotion.metrics.training_flops` per sample (3x forward) plus one forward of each checkpointed block,
+  over tp x sp GPUs at `peak_flops x mfu` (an assumed utilization).
+- FSDP: all-gather of parameters (param_dtype) in the forward and again in the backward, reduce-scatter of gradients
+  (reduce_dtype), each moving (n - 1) / n of the TP-local parameters per GPU; HSDP adds a ring all-reduce of the
+  sharded gradients across replicas. Prefetch overlaps it with compute: exposed = what exceeds compute, plus one layer's
+  share (the first gather and the last reduce-scatter cannot overlap).
+- Ulysses: per joint self-attention 4 all-to-alls (q, k, v, out) forward, 4 backward, 4 more when recomputed, each
+  sending (sp - 1) / sp of the local [B, L/sp, heads/tp, head_dim] tensor (q, k in fp32 unless the weights are bf16);
+  plus the all-gather before the heads and its reduce-scatter in the backward (fp32). Fully exposed.
 - TP: per expert and layer 3 ring all-reduces of [B, L/sp, dim] forward (self-attention o, cross-attention o, ffn.2),
-  3 backward (the inputs of q/k/v, cross q and ffn.0) plus one of the text's [B, L_text, dim] (cross k/v), and the 3
-  forward ones again when recomputed; the [B, L, 1] RMSNorm reductions are ignored. Fully exposed.
-- A collective's bandwidth is NVLink (`intra_bw`, per direction per GPU) when its group fits in one node, else the
-  per-GPU inter-node bandwidth (`inter_bw`) for the whole transfer. Latency is ignored. Mesh order (dp_replicate,
-  dp_shard, sp, tp), tp innermost: a group spans nodes when its stride x size exceeds `gpus_per_node`.
+  3 backward (inputs of q/k/v, cross q, ffn.0) plus one of the text's [B, L_text, dim] (cross k/v), and the forward
+  ones again when recomputed; the [B, L, 1] RMSNorm reductions are ignored. Fully exposed.
+- A group inside one node moves data at `intra_bw` (NVLink, per direction per GPU), one spanning nodes at `inter_bw`
+  (per GPU) for the whole transfer; latency is ignored. Mesh order (dp_replicate, dp_shard, sp, tp), tp innermost: a
+  group spans nodes when its stride x size exceeds `gpus_per_node`.
 Infeasible layouts (heads not divisible by tp x sp, tp not dividing dim / ffn_dim or beyond a node, memory above
 `mem_gib - reserve_gib`) are kept with their reasons.
 """
@@ -69,8 +70,9 @@ from echomotion.motion.smpl import (
 )
 from echomotion.models.echomotion import Task
 
+from .activation import AC_MODES, checkpointed_blocks
+
 GIB = 1024**3
-AC_MODES = ("none", "full", "every_k")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -201,7 +203,9 @@ def latent_grid(m: ModelConfig, frames: int, height: int, width: int) -> tuple[i
     latent_f = 1 + (frames - 1) // t_stride
     for name, pixels, p in (("height", height, ph), ("width", width, pw)):
         if pixels < 1 or pixels % (s_stride * p):
-            raise PlanError(f"{name}={pixels} must be a positive multiple of {s_stride * p} (VAE stride {s_stride} x patch {p})")
+            raise PlanError(
+                f"{name}={pixels} must be a positive multiple of {s_stride * p} (VAE stride {s_stride} x patch {p})"
+            )
     if latent_f % pt:
         raise PlanError(f"{latent_f} latent frames are not divisible by the temporal patch {pt}")
     return latent_f // pt, height // s_stride // ph, width // s_stride // pw
@@ -378,16 +382,6 @@ class Activations:
         return self.saved + self.recompute
 
 
-def checkpointed_blocks(m: ModelConfig, ac: str, every: int) -> list[int]:
-    """Blocks wrapped in activation checkpointing: none, all, or 0, k, 2k, ..."""
-    if ac not in AC_MODES:
-        raise PlanError(f"activation checkpointing {ac!r}: choose one of {', '.join(AC_MODES)}")
-    if ac == "none":
-        return []
-    step = 1 if ac == "full" else every
-    return list(range(0, m.num_layers, step))
-
-
 def layer_streams(m: ModelConfig, video: int, motion: int) -> list[list[int]]:
     """Per layer, the token counts of the streams it runs an expert for (video first)."""
     dual = set(dual_layer_indices(m))
@@ -420,7 +414,7 @@ def activation_bytes(m: ModelConfig, w: Workload, layout: Candidate) -> Activati
         return b * sum(streams) * d * (a if i == 0 else 4)
 
     streams = layer_streams(m, *(math.ceil(n / layout.sp) for n in (video, motion)))
-    ckpt = set(checkpointed_blocks(m, layout.ac, w.ac_every))
+    ckpt = set(checkpointed_blocks(m.num_layers, layout.ac, w.ac_every))
     blocks = sum(block_inputs(i, st) if i in ckpt else block_full(i, st) for i, st in enumerate(streams))
     recompute = max((block_full(i, streams[i]) for i in ckpt), default=0.0)
     return Activations(blocks + casts.get(None, 0) + _outside_blocks(m, w, video, motion, text), recompute)
@@ -457,11 +451,11 @@ def _outside_blocks(m: ModelConfig, w: Workload, video: int, motion: int, text: 
 def layer_forward_flops(m: ModelConfig, video: int, motion: int, text: int) -> list[float]:
     """Forward FLOPs of each block for one sample, from `echomotion.metrics.forward_flops` (a one-layer model minus
     a zero-layer one, so embeddings and heads cancel)."""
-    base = forward_flops(dataclasses.replace(m, num_layers=0, dual_layers="none"), video, motion, text)
-    one = {
-        dual: forward_flops(dataclasses.replace(m, num_layers=1, dual_layers="0" if dual else "none"), video, motion, text) - base
-        for dual in (False, True)
-    }
+    def flops(layers: int, dual: str) -> float:
+        return forward_flops(dataclasses.replace(m, num_layers=layers, dual_layers=dual), video, motion, text)
+
+    base = flops(0, "none")
+    one = {dual: flops(1, "0" if dual else "none") - base for dual in (False, True)}
     dual_layers = set(dual_layer_indices(m))
     return [one[i in dual_layers] for i in range(m.num_layers)]
 
@@ -475,7 +469,7 @@ def step_time(m: ModelConfig, w: Workload, layout: Candidate, hw: Hardware) -> S
     """Compute and communication of one optimizer step (see the module docstring for the model)."""
     video, motion, text = token_counts(m, w)
     b, d, tp, sp, a = w.micro_batch, m.dim, layout.tp, layout.sp, DTYPE_BYTES[w.precision]
-    ckpt = checkpointed_blocks(m, layout.ac, w.ac_every)
+    ckpt = checkpointed_blocks(m.num_layers, layout.ac, w.ac_every)
     recompute = sum(layer_forward_flops(m, video, motion, text)[i] for i in ckpt)
     flops = b * (training_flops(m, video, motion, text) + recompute) / (tp * sp)
     compute = flops / (hw.peak_flops * hw.mfu)

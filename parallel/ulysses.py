@@ -92,7 +92,8 @@ class UlyssesSequence:
         if index.shape[1] != 1:
             index = F.pad(index, (0, pad))[:, part]
         return Stream(
-            x=F.pad(stream.x, (0, 0, 0, pad))[:, part],
+            # a copy, not a view: a view would keep the whole sequence alive for as long as block 0 saves its input
+            x=F.pad(stream.x, (0, 0, 0, pad))[:, part].clone(),
             cond=TimeCond(stream.cond.e, stream.cond.e0, index),
             rope=(F.pad(cos, (0, 0, 0, pad), value=1.0)[part], F.pad(sin, (0, 0, 0, pad))[part]),
             key_mask=F.pad(mask, (0, pad), value=False)[:, part],

@@ -1,9 +1,9 @@
 """Rank parallel layouts (tp, sp, dp_shard, dp_replicate, activation checkpointing) for a model on a cluster.
 
-Estimates per-GPU memory and step time from the model config alone (parallel/plan.py documents every assumption; they are
-estimates, not measurements). Layouts that do not fit are left out; `--json` includes them with their reasons.
+Estimates per-GPU memory and step time from the model config alone (parallel/plan.py documents every assumption;
+estimates, not measurements). Layouts that do not fit are left out; `--json` lists them too, with their reasons.
 
-    python tools/plan.py --model wan2.2-5b --gpus 64 --gpu-mem 80 --frames 121 --height 704 --width 1280 [--top 10] [--json]
+    python tools/plan.py --model wan2.2-5b --gpus 64 --gpu-mem 80 --frames 121 --height 704 --width 1280 [--top 10]
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def row(e: Estimate, hw: Hardware, every: int) -> list[str]:
 
 REASONS = {"heads": "heads not divisible by tp x sp", "tp": "tp not dividing dim/ffn_dim", "node": "tp beyond a node",
            "memory": "memory"}
-HEADER = ["tp", "sp", "dp_shard", "dp_rep", "AC", "params", "grads", "optim", "act", "total GiB", "step s", "tokens/s", "MFU"]
+HEADER = ["tp", "sp", "dp_shard", "dp_rep", "AC", "params", "grads", "optim", "act", "total GiB", "step s", "tokens/s",
+          "MFU"]
 
 
 def table(rows: list[list[str]]) -> str:

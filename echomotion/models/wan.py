@@ -200,9 +200,9 @@ def time_conditioning(
     values, inverse = torch.unique(timesteps, return_inverse=True)
     index = inverse.view(batch, 1) if timesteps.dim() == 1 else inverse
     weight = time_embedding[0].weight
-    with torch.autocast(weight.device.type, enabled=False):
+    with torch.autocast(weight.device.type, enabled=False):  # in the parameters' dtype: fp32 unless sharded as bf16
         e = time_embedding(sinusoidal_embedding(values, freq_dim).to(weight.dtype)).float()
-        e0 = time_projection(e).float().unflatten(1, (6, -1))
+        e0 = time_projection(e.to(weight.dtype)).float().unflatten(1, (6, -1))
     return TimeCond(e=e, e0=e0, index=index)
 
 
