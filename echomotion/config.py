@@ -152,6 +152,9 @@ class TrainConfig:
     metrics_addr: str = "0.0.0.0"
     peak_flops: float = 0.0  # per device, for MFU; 0 = look up the GPU (H100: 989e12), none on CPU
     progress: bool = True  # progress bar on rank 0
+    # Count collective bytes by kind (metrics `comm/<kind>_bytes`) on step 1 and every this many steps; 0 = never. A counted
+    # step runs every op through a Python dispatch mode (a few us each) and torch.compile'd blocks eagerly.
+    count_collectives_every: int = 50
 
 
 @dataclass
@@ -356,6 +359,8 @@ def _train_problems(t: TrainConfig) -> list[str]:
     for key in ("steps", "checkpoint_every", "log_every", "grad_accum", "max_nan_streak"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key}={getattr(t, key)} must be >= 1")
+    if t.count_collectives_every < 0:
+        problems.append(f"train.count_collectives_every={t.count_collectives_every} must be >= 0 (0 = never)")
     if t.keep_last < 0:
         problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.lr <= 0 or t.weight_decay < 0 or t.warmup_steps < 0 or t.grad_clip < 0:

@@ -128,7 +128,10 @@ class PrometheusExporter:
         self.memory = Gauge(
             "echomotion_memory_max_allocated_bytes", "Peak accelerator memory (peak process RSS on CPU)", ["rank"], registry=r
         )
-        self.collective_bytes = Gauge("echomotion_collective_bytes_per_step", "Collective bytes per step", ["kind"], registry=r)
+        self.collective_bytes = Gauge(
+            "echomotion_collective_bytes_per_step", "Bytes this rank gave to collectives in the last counted step, by kind",
+            ["rank", "kind"], registry=r,
+        )
         ProcessCollector(namespace="echomotion", registry=r)
         start_http_server(port, addr=addr, registry=r)
 
@@ -137,6 +140,9 @@ class PrometheusExporter:
         self.data_wait.labels(self.rank).set(rec["data_wait"])
         memory = rec.get("memory_bytes")
         self.memory.labels(self.rank).set(memory if memory is not None else _peak_rss_bytes())
+        for key, value in rec.items():
+            if key.startswith("comm/"):  # comm/<kind>_bytes, on counted steps only
+                self.collective_bytes.labels(self.rank, key[len("comm/"):-len("_bytes")]).set(value)
         if not job_level:
             return
         self.step.set(rec["step"])

@@ -25,6 +25,7 @@ import torch
 
 from parallel import ParallelContext, build_parallel, parallelize
 from parallel.clip import clip_grad_norm_
+from parallel.comm import CommCounter
 
 from .checkpoint import CheckpointManager, load_model_weights
 from .config import Config, load_config, to_yaml
@@ -249,10 +250,13 @@ class Trainer:
     def train_step(self, batches) -> dict[str, Any]:
         t, env = self.cfg.train, self.env
         t0 = time.perf_counter()
-        acc = self.forward_backward(batches)
+        every = t.count_collectives_every
+        counter = CommCounter(enabled=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
+        with counter:
+            acc = self.forward_backward(batches)
+            grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
         loss = acc["loss"]
         self.step += 1
-        grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
@@ -287,6 +291,8 @@ class Trainer:
             "memory_bytes": torch.cuda.max_memory_allocated() if env.device.type == "cuda" else None,
         }
         rec["mfu"] = self._mfu(acc["batch"], rec["samples_per_s"])
+        if counter.enabled:  # this rank's collective inputs in forward, backward and clipping (parallel/comm.py)
+            rec.update({f"comm/{kind}_bytes": n for kind, n in counter.bytes_by_kind.items()})
         return rec
 
     def _tokens(self, batch: Batch) -> int:

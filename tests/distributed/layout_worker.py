@@ -107,7 +107,9 @@ def main() -> None:
         rec = trainer.train_step(batches)
         record["loss"][rec["step"]] = rec["loss"]
         record["grad_norm"][rec["step"]] = rec["grad_norm"]
-        record["tasks"] |= {k.split("/")[1] for k in rec if k.count("/") == 2}
+        record["tasks"] |= {k.split("/")[1] for k in rec if k.startswith("loss/") and k.count("/") == 2}
+        if rec["step"] == 1:
+            record["comm"] = {k: v for k, v in rec.items() if k.startswith("comm/")}
         if rec["step"] == args.save_at:
             trainer.save()
     state = [s for st in trainer.optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim() > 0]

@@ -18,6 +18,7 @@ from echomotion.data.synthetic import generate_humove_mini
 from echomotion.export import save_exported
 from echomotion.models import EchoMotionDiT
 from tests.distributed.launch import ROOT, child_env, run_torchrun
+from tests.distributed.layout_worker import GLOBAL_BATCH, MOTION_FRAMES, VIDEO_LATENT
 
 WORKER = ROOT / "tests/distributed/layout_worker.py"
 LOSS_RTOL = 1e-5  # issue 5: losses within 1e-5 relative of the single-process run
@@ -105,11 +106,27 @@ def test_layout_matches_one_process(name: str, phase: int, assets: list[str], re
     assert_same_gradients(got["grads"], want["grads"])
     assert got["tasks"] == want["tasks"] == ({"t2m"} if phase == 1 else {"joint", "m2v", "v2m"})
 
+    assert got["comm"]["comm/all_to_all_bytes"] == ulysses_bytes(got["layout"], phase)
+
     shards = got["layout"].shard_group  # HSDP: each replica group holds one copy split this many ways
     if shards > 1:  # FSDP: parameter + gradient + optimizer bytes split N ways (padding aside)
         per_rank, single = got["state_bytes"], want["state_bytes"]
         print(f"{name} phase {phase}: {per_rank} B per rank vs {single} B in one process / {shards} = {single / shards:.0f}")
         assert per_rank <= 1.05 * single / shards
+
+
+def ulysses_bytes(layout, phase: int) -> int:
+    """Analytic all-to-all input bytes per rank in one step: in every (dual) block, forward sends q, k, v and gets the
+    output back (4 all-to-alls), backward runs the 4 inverses; each carries the local [B, L_v/sp + L_m/sp, H/tp, d] fp32
+    tensor, each modality padded to a multiple of sp. Phase 1 has no video tokens."""
+    if layout.sp == 1:
+        return 0
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_heads=4"]).model
+    video = 0 if phase == 1 else VIDEO_LATENT[1] * VIDEO_LATENT[2] * VIDEO_LATENT[3]
+    motion = MOTION_FRAMES * 51
+    local_tokens = sum(-(-n // layout.sp) for n in (video, motion))
+    per_tensor = (GLOBAL_BATCH // layout.dp) * local_tokens * (cfg.num_heads // layout.tp) * (cfg.dim // cfg.num_heads) * 4
+    return cfg.num_layers * 8 * per_tensor
 
 
 def test_checkpoint_resumes_under_another_layout(assets: list[str], reference: dict, tmp_path: Path) -> None:
