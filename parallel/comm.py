@@ -91,10 +91,6 @@ class CommCounter(TorchDispatchMode):
         self.bytes_by_kind = dict.fromkeys(KINDS, 0)
         self.calls_by_kind = dict.fromkeys(KINDS, 0)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_by_kind.values())
-
     def __enter__(self) -> "CommCounter":
         if self.enabled:
             super().__enter__()

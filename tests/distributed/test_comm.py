@@ -28,8 +28,7 @@ KNOWN = {
     "funcol_reduce_scatter": ("reduce_scatter", 4 * WORLD * F32),
     "funcol_all_to_all": ("all_to_all", 2 * WORLD * F32),
     "dtensor_redistribute": ("all_gather", (4 // WORLD) * 6 * F32),  # Shard(0) -> Replicate of a [4, 6] tensor
-    # softmax over the sharded dim of a Shard(1) [4, 6]: DTensor gathers the columns inside its dispatch (on gloo, which
-    # has no all-to-all for DTensor, every redistribution of a sharded dim all-gathers the local [4, 3])
+    # softmax over the sharded dim of a Shard(1) [4, 6]: DTensor all-gathers the local [4, 3] inside its own dispatch
     "dtensor_implicit": ("all_gather", 4 * (6 // WORLD) * F32),
 }
 
