@@ -419,6 +419,9 @@ def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str) 
         problems.append(f"parallel.activation_checkpointing={p.activation_checkpointing!r}: choose 'none', 'full' or 'every_k'")
     if p.fp8 not in ("none", "te"):
         problems.append(f"parallel.fp8={p.fp8!r}: choose 'none' or 'te' (Transformer Engine, CUDA only)")
+    if p.fp8 == "te" and p.activation_checkpointing != "none":
+        problems.append("parallel.fp8=te with activation checkpointing would recompute the checkpointed blocks outside FP8 "
+                        "autocast (in bf16): set parallel.activation_checkpointing=none, or parallel.fp8=none")
     if p.fp8_recipe not in ("delayed", "current"):
         problems.append(f"parallel.fp8_recipe={p.fp8_recipe!r}: choose 'delayed' or 'current'")
     return problems

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -63,5 +64,8 @@ def apply_compile(model: EchoMotionDiT) -> None:
     Measured on CPU (torch 2.14): blocks of one class with one input pattern share a graph (four dual blocks, one graph),
     but every other class (video-only, checkpointed) and every other pattern of None-or-tensor masks and streams adds
     graphs to the same cache, which Dynamo caps at `torch._dynamo.config.recompile_limit` (8) before running eagerly."""
+    # Every block of a kind shares one code cache, and each kind (dual, video-only, checkpointed) x mask pattern (None or
+    # a tensor) adds a graph: Dynamo's default limit of 8 would silently leave blocks eager in larger models.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in model.blocks:
         block.compile()

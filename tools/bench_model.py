@@ -7,6 +7,7 @@ with more threads it includes OpenMP spin-waiting).
 
     python tools/bench_model.py --dim 512 --heads 8 --layers 2 --latent 4 32 32 --text-len 64 --repeats 5
     python tools/bench_model.py --profile      # + the top ops of each (torch.profiler, self CPU time)
+    python tools/bench_model.py --compile ours # blocks compiled as `parallel.compile=true` runs them (or: both)
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print the top ops of one step of each model")
+    p.add_argument("--compile", choices=("none", "ours", "both"), default="none",
+                   help="torch.compile each block: of ours only (parallel.compile=true, as training runs it) or of both models")
     return p.parse_args(argv)
 
 
@@ -96,6 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     ref, ours = build_models(a)
+    if a.compile != "none":
+        from parallel.activation import apply_compile
+
+        apply_compile(ours)
+        if a.compile == "both":
+            for block in ref.blocks:
+                block.compile()
     steps = make_steps(a, ref, ours)
     a_out, b_out = steps["ours"](), steps["diffusers"]()
     err = ((a_out - b_out).norm() / b_out.norm()).item()
@@ -104,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         f"config: dim {a.dim}, heads {a.heads} (head_dim {a.dim // a.heads}), layers {a.layers}, ffn {a.ffn_dim or 4 * a.dim}, "
         f"batch {a.batch}, video tokens {tokens}, text {a.text_len}x{a.text_dim}, "
         f"timesteps {'per-token (TI2V)' if a.per_token else 'per-sample'}, "
-        f"threads {torch.get_num_threads()}, fp32; ours dual_layers={a.dual_layers}; output rel. diff {err:.1e}"
+        f"threads {torch.get_num_threads()}, fp32; ours dual_layers={a.dual_layers}; compiled blocks: {a.compile}; "
+        f"output rel. diff {err:.1e}"
     )
     for _ in range(a.warmup):
         for step in steps.values():
