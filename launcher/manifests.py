@@ -247,7 +247,10 @@ EXAMPLES: dict[str, tuple[Cluster, list[str], str]] = {
     ),
     "wan2.2-5b-8x8": (
         Cluster(nodes=8, nproc_per_node=8, shutdown_timeout=600),
-        [*COMMON_OVERRIDES, "train.init_wan=/checkpoints/pretrained/Wan2.2-TI2V-5B", "data.num_canonical_nodes=8"],
+        # HSDP, one replica per node: FSDP all-gathers stay on NVLink, only gradient shards cross nodes (tools/plan.py;
+        # for Phase 2's 33k-token samples add parallel.sp=8, docs/parallelism.md)
+        [*COMMON_OVERRIDES, "train.init_wan=/checkpoints/pretrained/Wan2.2-TI2V-5B", "data.num_canonical_nodes=8",
+         "parallel.dp_replicate=8"],
         "configs/model/wan2.2-5b.yaml",
     ),
 }
