@@ -31,6 +31,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "sp2_fsdp2": (4, ["parallel.sp=2"]),
     "tp2_sp2": (4, ["parallel.tp=2", "parallel.sp=2"]),
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    # activation checkpointing of every 2nd block (block 0 recomputed, block 1 not) under FSDP2
+    "fsdp2_ac": (2, ["parallel.activation_checkpointing=every_k", "parallel.ac_every=2"]),
 }
 
 
