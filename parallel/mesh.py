@@ -46,6 +46,11 @@ class Layout:
         """Ranks one FSDP2 parameter is sharded over (the sequence-parallel ranks shard too)."""
         return self.dp_shard * self.sp
 
+    @property
+    def fsdp(self) -> bool:
+        """Whether FSDP2 applies at all (some rank shares parameters or gradients with another)."""
+        return self.shard_group * self.dp_replicate > 1
+
     def describe(self) -> str:
         return " x ".join(f"{d}={getattr(self, d)}" for d in DIMS)
 
@@ -121,7 +126,7 @@ def build_parallel(p: ParallelConfig, model: ModelConfig, rank: int, world_size:
     ctx = ParallelContext(layout, rank, mesh)
     if layout.dp > 1:
         ctx.dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    if layout.shard_group * layout.dp_replicate > 1:
+    if layout.fsdp:
         shard = mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
         ctx.fsdp_mesh = mesh["dp_replicate", "dp_shard_sp"] if layout.dp_replicate > 1 else shard
     if layout.sp > 1:

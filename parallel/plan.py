@@ -71,6 +71,7 @@ from echomotion.motion.smpl import (
 from echomotion.models.echomotion import Task
 
 from .activation import AC_MODES, checkpointed_blocks
+from .mesh import Layout
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -111,32 +112,10 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One layout the planner weighs (parallel.mesh.Layout's degrees plus the activation checkpointing mode)."""
+class Candidate(Layout):
+    """One layout the planner weighs: the mesh degrees plus the activation checkpointing mode."""
 
-    tp: int
-    sp: int
-    dp_shard: int
-    dp_replicate: int
-    ac: str
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.sp * self.dp_shard * self.dp_replicate
-
-    @property
-    def dp(self) -> int:
-        return self.dp_shard * self.dp_replicate
-
-    @property
-    def shard(self) -> int:
-        """Ranks one parameter is sharded over (FSDP2 over dp_shard x sp)."""
-        return self.dp_shard * self.sp
-
-    @property
-    def fsdp(self) -> bool:
-        """Whether FSDP2 is applied at all (parallel/mesh.py builds an FSDP mesh only then)."""
-        return self.shard * self.dp_replicate > 1
+    ac: str = "none"
 
 
 @dataclass
@@ -184,7 +163,7 @@ class Estimate:
         return self.tokens_per_step / self.time.total
 
     def mfu(self, hw: Hardware) -> float:
-        return self.flops_per_step / self.time.total / (self.layout.gpus * hw.peak_flops)
+        return self.flops_per_step / self.time.total / (self.layout.world * hw.peak_flops)
 
 
 # ------------------------------------------------------------------------------------------------------------ tokens
@@ -315,7 +294,7 @@ def parameter_count(m: ModelConfig) -> int:
 def state_bytes(m: ModelConfig, layout: Candidate, w: Workload) -> tuple[float, float, float]:
     """(params, grads, optimizer) bytes per GPU; see the module docstring."""
     inv = parameter_inventory(m)
-    sharded = sum(p.shard_numel(layout.tp, layout.shard) for p in inv)
+    sharded = sum(p.shard_numel(layout.tp, layout.shard_group) for p in inv)
     params, grads, optimizer = 4.0 * sharded, 4.0 * sharded, 8.0 * sharded + 4.0 * len(inv)
     if layout.fsdp:
         pb = DTYPE_BYTES[w.param_dtype]
@@ -478,14 +457,14 @@ def step_time(m: ModelConfig, w: Workload, layout: Candidate, hw: Hardware) -> S
     if layout.fsdp:
         by_block = _local_numel_by_block(parameter_inventory(m), tp)
         local, root = sum(by_block.values()), by_block.get(None, 0)
-        n = layout.shard
+        n = layout.shard_group
         frac = (n - 1) / n
         gathered = frac * (2 * local - root) * DTYPE_BYTES[w.param_dtype]  # forward + backward (blocks reshard)
         reduced = frac * local * DTYPE_BYTES[w.reduce_dtype]
         fsdp = (gathered + reduced) / _bandwidth(hw, n * tp)
         r = layout.dp_replicate
         if r > 1:
-            fsdp += 2 * (r - 1) / r * local / n * DTYPE_BYTES[w.reduce_dtype] / _bandwidth(hw, layout.gpus)
+            fsdp += 2 * (r - 1) / r * local / n * DTYPE_BYTES[w.reduce_dtype] / _bandwidth(hw, layout.world)
     exposed = max(fsdp - compute, 0.0) + fsdp / m.num_layers if fsdp else 0.0
 
     streams = layer_streams(m, *(math.ceil(n / sp) for n in (video, motion)))
@@ -544,7 +523,7 @@ def divisors(n: int) -> list[int]:
 def layouts(gpus: int, ac_modes: tuple[str, ...] = AC_MODES) -> list[Candidate]:
     """Every (tp, sp, dp_shard, dp_replicate, AC) whose degrees multiply to `gpus`."""
     return [
-        Candidate(tp, sp, dp // rep, rep, ac)
+        Candidate(dp_replicate=rep, dp_shard=dp // rep, sp=sp, tp=tp, ac=ac)
         for tp in divisors(gpus)
         for sp in divisors(gpus // tp)
         for dp in [gpus // (tp * sp)]

@@ -176,7 +176,7 @@ def test_activation_checkpointing_reduces_as_modelled(precision: str, ac: str, e
     none = measured_activation_bytes(m, 2, precision)
     with_ac = measured_activation_bytes(m, 2, precision, ac, every)
     est_none = activation_bytes(m, w, SINGLE).saved
-    est = activation_bytes(m, w, Candidate(1, 1, 1, 1, ac))
+    est = activation_bytes(m, w, Candidate(ac=ac))
     assert est.saved == pytest.approx(with_ac, rel=0.05)
     assert est_none / est.saved == pytest.approx(none / with_ac, rel=0.05)
     assert 0 < est.recompute and est.peak < est_none  # the backward re-creates one checkpointed block at a time
@@ -202,7 +202,7 @@ def test_5b_on_64_gpus_has_a_feasible_layout() -> None:
     estimates = plan(model_preset("wan2.2-5b"), 64, Workload(121, 704, 1280), Hardware(mem_gib=80))
     best = estimates[0]
     assert best.feasible and best.memory.total < 76 * 1024**3
-    assert best.layout.gpus == 64 and best.tokens_per_s > 0
+    assert best.layout.world == 64 and best.tokens_per_s > 0
     times = [e.time.total for e in estimates if e.feasible]
     assert times == sorted(times)
 
