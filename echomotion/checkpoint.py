@@ -1,6 +1,7 @@
 """Sharded, crash-safe checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout: `run_dir/checkpoints/step-00000004/` holds the DCP shards of model + optimizer (+ EMA), one `extra-rank00000.pt` per
+Layout: `run_dir/checkpoints/step-00000004/` holds the DCP shards of model + optimizer (+ EMA) (or, under
+`parallel.engine=deepspeed`, DeepSpeed's own files in a `deepspeed/` sub-folder), one `extra-rank00000.pt` per
 rank (RNG states, data-loader state, scheduler) and `meta.json` (step, world size, config). Every rank writes into
 `step-N.partial/`; only after all ranks have finished does rank 0 write `meta.json` and rename the folder to `step-N`, so a
 crash or kill during a save leaves a `.partial` folder that `latest()` never picks. DCP reshards on load, so a checkpoint
@@ -61,27 +62,15 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(
-        self,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        extra: dict[str, Any],
-        meta: dict[str, Any],
-        ema: Optional[dict[str, torch.Tensor]] = None,
-    ) -> Path:
-        """Collective: every rank calls it. Returns the final folder."""
+    def save(self, step: int, state: "StateIO", extra: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. `state` writes the model and optimizer shards. Returns the final folder."""
         final = self.root / f"step-{step:08d}"
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crash
             partial.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        if ema is not None:
-            state["ema"] = ema
-        dcp.save(state, checkpoint_id=str(partial))
+        state.write(partial)
         extra_path = partial / f"extra-rank{self.rank:05d}.pt"
         with open(extra_path, "wb") as fh:
             torch.save(extra, fh)
@@ -103,33 +92,68 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def load(
-        self,
-        path: Path,
-        model: nn.Module,
-        optimizer: Optional[torch.optim.Optimizer],
-        ema: Optional[dict[str, torch.Tensor]] = None,
-    ) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-        """Load model/optimizer (resharding as needed); returns (meta, this rank's extra or None if the world changed)."""
+    def load(self, path: Path, state: "StateIO") -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """Load model/optimizer (resharding as needed); returns (meta, this rank's extra or None if there is none)."""
         meta = json.loads((path / "meta.json").read_text())
-        optims = [optimizer] if optimizer is not None else []
-        model_sd, optim_sd = get_state_dict(model, optims)
-        state: dict[str, Any] = {"model": model_sd}
-        if optimizer is not None:
-            state["optim"] = optim_sd
-        if ema is not None:
-            state["ema"] = ema
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optims, model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
-                       options=StateDictOptions(strict=True))
+        state.read(path)
         extra_path = path / f"extra-rank{self.rank:05d}.pt"
         extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
         return meta, extra
 
 
+class StateIO:
+    """How an engine writes and reads its model + optimizer shards inside a checkpoint folder."""
+
+    def write(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def read(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class DCPState(StateIO):
+    """torch.distributed.checkpoint of model, optimizer and EMA: plain, FSDP2 and DTensor-TP models alike, resharded on load."""
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Optional[dict[str, torch.Tensor]]):
+        self.model, self.optims, self.ema = model, [optimizer] if optimizer is not None else [], ema
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optims)
+        state: dict[str, Any] = {"model": model_sd}
+        if self.optims:
+            state["optim"] = optim_sd
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    def write(self, folder: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(folder))
+
+    def read(self, folder: Path) -> None:
+        if (folder / DEEPSPEED_TAG).is_dir():
+            raise RuntimeError(
+                f"{folder} was written by parallel.engine=deepspeed; resume it with that engine, or export it "
+                "(tools/export_checkpoint.py) and start from the export with train.init_from"
+            )
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optims, model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
+                       options=StateDictOptions(strict=True))
+
+
+DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint written by DeepSpeed's engine (parallel/deepspeed_engine.py)
+
+
 def load_model_weights(path: Path, model: nn.Module, use_ema: bool = False) -> dict[str, Any]:
     """Model weights only (or the EMA copy) from a DCP checkpoint into a plain single-device model; returns meta."""
     meta = json.loads((path / "meta.json").read_text())
+    if (path / DEEPSPEED_TAG).is_dir():
+        if use_ema:
+            raise ValueError(f"{path} was written by DeepSpeed, which keeps no EMA copy here (train.ema_decay needs engine=fsdp)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG))
+        return meta
     sd = {k: v for k, v in model.state_dict().items()}
     key = "ema" if use_ema else "model"
     dcp.load({key: sd}, checkpoint_id=str(path), no_dist=True)

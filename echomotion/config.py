@@ -309,7 +309,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"sample.shift={s.shift} must be > 0")
     problems += _data_problems(cfg.data)
     problems += _train_problems(cfg.train)
-    problems += _parallel_problems(cfg.parallel, m, cfg.train.precision)
+    problems += _parallel_problems(cfg.parallel, m, cfg.train.precision, cfg.train.ema_decay)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -382,7 +382,7 @@ def _train_problems(t: TrainConfig) -> list[str]:
     return problems
 
 
-def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str) -> list[str]:
+def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str, ema_decay: float) -> list[str]:
     """Layout checks that need no world size (parallel.mesh checks the product against it at start-up)."""
     problems = []
     for key in ("dp_replicate", "sp", "tp", "ac_every"):
@@ -405,6 +405,9 @@ def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str) 
             problems.append("parallel.engine=deepspeed does not combine with tensor parallel: set parallel.tp=1, or use engine=fsdp")
         if p.dp_replicate > 1:
             problems.append("parallel.engine=deepspeed shards over all data-parallel ranks: set parallel.dp_replicate=1")
+        if ema_decay > 0:
+            problems.append("train.ema_decay > 0 keeps an EMA copy the DeepSpeed engine does not checkpoint: set "
+                            "train.ema_decay=0 with parallel.engine=deepspeed, or use engine=fsdp")
         if p.zero_stage not in (1, 2, 3):
             problems.append(f"parallel.zero_stage={p.zero_stage}: choose 1, 2 or 3")
         if p.deepspeed_config is not None and not Path(p.deepspeed_config).is_file():

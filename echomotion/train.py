@@ -27,7 +27,7 @@ from parallel import ParallelContext, build_parallel, parallelize
 from parallel.clip import clip_grad_norm_
 from parallel.comm import CommCounter
 
-from .checkpoint import CheckpointManager, load_model_weights
+from .checkpoint import CheckpointManager, DCPState, StateIO, load_model_weights
 from .config import Config, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
@@ -135,6 +135,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, t))
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if t.ema_decay > 0 else None
+        self.engine = None  # DeepSpeed's engine under parallel.engine=deepspeed: it owns backward, step and checkpoints
+        self.state: StateIO = DCPState(self.model, self.optimizer, self.ema)
+        if cfg.parallel.engine == "deepspeed":
+            from parallel import deepspeed_engine
+
+            self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg)
+            self.state = deepspeed_engine.DeepSpeedState(self.engine)
         self.ckpt = CheckpointManager(self.run_dir, t.keep_last, env.rank)
         self.null_text = load_null_text(cfg).to(env.device)
         self.dataset, self.loader = build_dataloader(
@@ -156,7 +163,7 @@ class Trainer:
         path = None if mode == "never" else (self.ckpt.latest() if mode == "auto" else Path(mode))
         if path is None:
             return
-        meta, extra = self.ckpt.load(path, self.model, self.optimizer, self.ema)
+        meta, extra = self.ckpt.load(path, self.state)
         self.step = meta["step"]
         if extra is not None and meta.get("layout") == dataclasses.asdict(self.par.layout):
             self.scheduler.load_state_dict(extra["scheduler"])
@@ -190,7 +197,7 @@ class Trainer:
             "has_ema": self.ema is not None,
             "restarts": self.restarts,
         }
-        self.ckpt.save(self.step, self.model, self.optimizer, extra, meta, self.ema)
+        self.ckpt.save(self.step, self.state, extra, meta)
         if self.exporter:
             self.exporter.ckpt_seconds.set(time.time() - t0)
             self.exporter.ckpt_last.set(time.time())
@@ -226,8 +233,13 @@ class Trainer:
             loss, logs = training_loss(self.model, tb, t.phase, self.cfg.diffusion, self.null_text, gens, self.par.sum_over_dp)
             if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
                 loss = loss * float("nan")
-            # FSDP averages gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
-            (loss * (self.par.layout.dp / t.grad_accum)).backward()
+            # FSDP and ZeRO average gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
+            if self.engine is not None:  # DeepSpeed divides by the accumulation steps itself and counts micro-steps
+                self.engine.backward(loss * self.par.layout.dp)
+                if not last:
+                    self.engine.step()
+            else:
+                (loss * (self.par.layout.dp / t.grad_accum)).backward()
         return loss.detach(), logs
 
     def forward_backward(self, batches) -> dict[str, Any]:
@@ -254,10 +266,21 @@ class Trainer:
         counter = CommCounter(enabled=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         with counter:
             acc = self.forward_backward(batches)
-            grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            grad_norm = float("nan")
+            if self.engine is None:
+                grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            elif math.isfinite(acc["loss"]):
+                self.engine.step()  # clips (gradient_clipping) and steps
+                grad_norm = float(self.engine.get_global_grad_norm())
         loss = acc["loss"]
         self.step += 1
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if self.engine is not None:
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"step {self.step} had a NaN/Inf loss; parallel.engine=deepspeed cannot skip a step once its gradients "
+                    "are reduced. Resume from the last checkpoint (train.resume=auto) with a lower train.lr, or check the data"
+                )
+        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.nan_streak += 1

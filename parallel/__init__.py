@@ -41,7 +41,7 @@ def parallelize(model: EchoMotionDiT, ctx: ParallelContext, cfg: Config, device:
             apply_activation_checkpointing(model, p.activation_checkpointing, p.ac_every)
         if p.compile:
             apply_compile(model)
-    if ctx.fsdp_mesh is not None:
+    if ctx.fsdp_mesh is not None and p.engine == "fsdp":  # DeepSpeed partitions in its own engine (deepspeed_engine.py)
         from .fsdp import apply_fsdp
 
         apply_fsdp(model, ctx.fsdp_mesh, p)

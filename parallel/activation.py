@@ -6,7 +6,7 @@ Why not `checkpoint_wrapper`: it puts the block inside a wrapper module, so `nam
 and TP/FP8 plans address parameters by name) and `isinstance(block, DualBlock)` turns False, which hides the dual layers from
 `EchoMotionDiT.dual_layers` (measured with torch 2.14). Instead each chosen block's class becomes a subclass whose forward
 runs the original one under non-reentrant `torch.utils.checkpoint` (the way FSDP2 itself retypes the modules it shards):
-module tree, parameter names and isinstance checks stay as they were. Blocks take and return `Stream` dataclasses (or None);
+module tree, parameter names and isinstance checks stay as they were. Blocks take and return `Stream` named tuples (or None);
 non-reentrant checkpointing accepts any Python inputs and outputs.
 """
 from __future__ import annotations

@@ -11,8 +11,6 @@ motion [B, F_m, 235] and video None when no video was given.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -47,9 +45,12 @@ class Task(IntEnum):
     V2M = 3
 
 
-@dataclass
-class Stream:
-    """One modality's tokens and what travels with them (sliced together under sequence parallelism)."""
+class Stream(NamedTuple):
+    """One modality's tokens and what travels with them (sliced together under sequence parallelism).
+
+    A named tuple rather than a dataclass: wrappers that look for the tensors in a block's inputs and outputs (FSDP2's and
+    DeepSpeed ZeRO-3's backward hooks) walk tuples, and ZeRO-3 does not walk dataclasses.
+    """
 
     x: Tensor  # [B, L, dim] residual stream
     cond: TimeCond  # timestep modulation rows + token -> row index
@@ -57,7 +58,7 @@ class Stream:
     key_mask: Optional[Tensor]  # [B, L] bool, True = visible as a key; None = all visible
 
     def with_x(self, x: Tensor) -> "Stream":
-        return dataclasses.replace(self, x=x)
+        return self._replace(x=x)
 
 
 class Prediction(NamedTuple):

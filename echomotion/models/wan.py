@@ -5,8 +5,7 @@ checkpoint loads without renaming. Modulation, norms and the time embedding run 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,7 @@ def sinusoidal_embedding(timesteps: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
 
 
-@dataclass
-class TimeCond:
+class TimeCond(NamedTuple):
     """A modality's timestep conditioning, one row per distinct timestep (a segment), not per token.
 
     `e` [U, dim] feeds the head's 2-way modulation and `e0` [U, 6, dim] every block's 6-way modulation; `index` maps each

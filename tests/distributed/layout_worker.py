@@ -92,14 +92,25 @@ def main() -> None:
     ranks = trainer.par.layout.dp
     record: dict = {"loss": {}, "grad_norm": {}, "tasks": set(), "layout": trainer.par.layout}
 
-    def capture(optimizer, *_):
-        if trainer.step == 1 and "grads" not in record:
-            grads = {n: full(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
-            record["grads"] = grads
+    def full_gradient(p: torch.nn.Parameter):
+        if trainer.engine is not None:
+            from parallel.deepspeed_engine import full_gradient as zero_gradient
+
+            return zero_gradient(p)
+        return None if p.grad is None else full(p.grad).clone()  # a copy: clipping scales p.grad in place
+
+    forward_backward = trainer.forward_backward
+
+    def capture(batches):  # the gradients of step 1, reduced but not yet clipped or applied
+        acc = forward_backward(batches)
+        if trainer.step == 0:
+            grads = {n: full_gradient(p) for n, p in trainer.model.named_parameters() if p.requires_grad}
+            record["grads"] = {n: g for n, g in grads.items() if g is not None}
             params = list(trainer.model.parameters())
             record["param_grad_bytes"] = local_bytes(params) + local_bytes([p.grad for p in params if p.grad is not None])
+        return acc
 
-    trainer.optimizer.register_step_pre_hook(capture)
+    trainer.forward_backward = capture
     batches = (share(global_batch(s, cfg.train.phase, cfg), trainer.par.dp_rank, ranks) for s in range(10**6))
     for _ in range(trainer.step):  # resumed: skip the batches already trained on
         next(batches)
@@ -107,6 +118,7 @@ def main() -> None:
         rec = trainer.train_step(batches)
         record["loss"][rec["step"]] = rec["loss"]
         record["grad_norm"][rec["step"]] = rec["grad_norm"]
+        record.setdefault("lr", {})[rec["step"]] = rec["lr"]
         record["tasks"] |= {k.split("/")[1] for k in rec if k.startswith("loss/") and k.count("/") == 2}
         if rec["step"] == 1:
             record["comm"] = {k: v for k, v in rec.items() if k.startswith("comm/")}

@@ -1,0 +1,102 @@
+"""DeepSpeed ZeRO (`parallel.engine=deepspeed`) in place of FSDP2, inside the same trainer.
+
+The DeepSpeed config is generated from ours (micro-batch, accumulation, clipping, ZeRO stage, bf16); the JSON named by
+`parallel.deepspeed_config` is merged over it key by key, so anything DeepSpeed offers can still be set. Ulysses SP works
+unchanged: `parallelize` installs the same token-sharding seam, and ZeRO, like FSDP2, averages gradients over all its
+data-parallel ranks (here dp x sp), so the trainer's loss scale by the data-parallel degree is the same.
+
+ZeRO-3 gathers a module's parameters when that module's forward runs. A dual block calls its motion expert's halves
+(`pre_attention` / `post_attention`) from its own forward, so the expert's direct parameter (`modulation`) is registered as
+used by the dual block too; its submodules (linears, norms) are called through their forward and need nothing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from echomotion.checkpoint import DEEPSPEED_TAG, StateIO
+from echomotion.config import Config, ConfigError
+from echomotion.models.echomotion import DualBlock, EchoMotionDiT
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t, p = cfg.train, cfg.parallel
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_config is None:
+        return generated
+    try:
+        user = json.loads(Path(p.deepspeed_config).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config} is not valid JSON: {e}") from e
+    if not isinstance(user, dict):
+        raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config} must hold a JSON object (DeepSpeed config keys)")
+    return merge(generated, user)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def register_external_parameters(model: EchoMotionDiT) -> None:
+    import deepspeed
+
+    for block in model.blocks:
+        if isinstance(block, DualBlock):
+            deepspeed.zero.register_external_parameter(block, block.motion.modulation)
+
+
+def initialize(model: EchoMotionDiT, optimizer: torch.optim.Optimizer, cfg: Config) -> Any:
+    """The DeepSpeed engine around an already-parallelized (TP-free) model and our AdamW, on the running process group."""
+    import deepspeed
+
+    if cfg.parallel.zero_stage == 3:
+        register_external_parameters(model)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+                                           dist_init_required=False)
+    return engine
+
+
+class DeepSpeedState(StateIO):
+    """DeepSpeed's own checkpoint files in `<folder>/deepspeed/`; resumable with the same engine and exportable with
+    DeepSpeed's zero_to_fp32 (echomotion.checkpoint.load_model_weights)."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def write(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
+
+    def read(self, folder: Path) -> None:
+        if not (folder / DEEPSPEED_TAG).is_dir():
+            raise RuntimeError(
+                f"{folder} was written by parallel.engine=fsdp (DCP); resume it with that engine, or export it "
+                "(tools/export_checkpoint.py) and start from the export with train.init_from"
+            )
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder / DEEPSPEED_TAG}")
+
+
+def full_gradient(param: nn.Parameter) -> Optional[torch.Tensor]:
+    """The whole gradient of a ZeRO-partitioned parameter (collective: every rank calls it in the same order)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(param)
