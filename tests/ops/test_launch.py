@@ -36,12 +36,13 @@ def test_deepspeed_launcher_with_a_hostfile(humove: Path, tmp_path: Path) -> Non
     hostfile = tmp_path / "hostfile"
     cmd = launcher("deepspeed", "--run", "--config", CONFIG, "--nproc-per-node", "2", "--accelerator", "cpu",
                    "--hostfile", str(hostfile), "--master-port", str(free_port()),
-                   *trainer_overrides(humove, run, "train.steps=3", "train.checkpoint_every=3"))
+                   *trainer_overrides(humove, run, "train.steps=3", "train.checkpoint_every=3", "parallel.engine=deepspeed"))
     log = tmp_path / "deepspeed.log"
     out = finish([start(cmd, log)], [log], ranks=2)
     assert hostfile.read_text() == "localhost slots=2\n"
     assert "--local_rank=1" in out  # started by deepspeed.launcher.launch, which passes the local rank as an argument
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert (run / "checkpoints" / "step-00000003" / "deepspeed").is_dir()  # ZeRO-3 trained and saved it
 
 
 def _private_shm_works() -> bool:
