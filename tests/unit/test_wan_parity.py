@@ -10,7 +10,9 @@ alone moves diffusers' output by up to ~2e-5 (relative) at large timesteps in th
 - with Wan's float64 sinusoid swapped into diffusers (nothing else changed), outputs agree to <= 1e-6 (measured: < 7e-7, fp32
   rounding of fused vs unfused elementwise ops) and gradients to <= 1e-5: the key map and the math are exact;
 - against unmodified diffusers, the error is <= 1e-5 up to t = 250 and <= FP32_SINUSOID_TOLERANCE over the whole 0..1000
-  range; the measured maxima are printed (`pytest -s`).
+  range; the measured maxima are printed (`pytest -s`);
+- models at diffusers' own initialization (perturbed by 0.05 instead of 0.2) stay <= 1e-5 against unmodified diffusers at
+  every timestep (`test_unmodified_diffusers_within_1e5_at_every_timestep`).
 """
 from __future__ import annotations
 
@@ -180,6 +182,26 @@ def diffusers_from_pretrained(folder: Path) -> WanTransformer3DModel:
 def test_diffusers_checkpoint_reproduces_diffusers(loaded):
     case, ref, ours, _ = loaded
     check_parity(case, ref, ours, case.name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_unmodified_diffusers_within_1e5_at_every_timestep(case: Case, tmp_path: Path) -> None:
+    """The acceptance bound as written: against diffusers as shipped (float32 sinusoid), relative error <= 1e-5 at every
+    timestep pattern of 0..1000, for random models at diffusers' own initialization with every parameter perturbed by
+    N(0, 0.05^2) (so no mapping error can hide behind a default). Only the 4x hotter models above exceed it at t ~ 1000."""
+    torch.manual_seed(100 + CASES.index(case))
+    ref = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=case.heads, attention_head_dim=case.head_dim,
+        in_channels=case.channels[0], out_channels=case.channels[1], text_dim=32, freq_dim=case.freq_dim,
+        ffn_dim=case.ffn_dim, num_layers=case.layers,
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    errs = errors(case, ref, EchoMotionDiT.from_wan(tmp_path).eval())
+    print(f"\n{case.name} at diffusers' init: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert max(errs.values()) <= TOLERANCE, errs
 
 
 def test_gradients_match_diffusers(loaded):
