@@ -230,16 +230,16 @@ class Trainer:
             self.model.set_requires_gradient_sync(last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
         with autocast:
-            loss, logs = training_loss(self.model, tb, t.phase, self.cfg.diffusion, self.null_text, gens, self.par.sum_over_dp)
+            net = self.engine if self.engine is not None else self.model  # DeepSpeed counts micro-batches in its forward
+            loss, logs = training_loss(net, tb, t.phase, self.cfg.diffusion, self.null_text, gens, self.par.sum_over_dp)
             if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
                 loss = loss * float("nan")
             # FSDP and ZeRO average gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
-            if self.engine is not None:  # DeepSpeed divides by the accumulation steps itself and counts micro-steps
-                self.engine.backward(loss * self.par.layout.dp)
-                if not last:
-                    self.engine.step()
+            scaled = loss * (self.par.layout.dp / t.grad_accum)
+            if self.engine is not None:
+                self.engine.backward(scaled, scale_wrt_gas=False)
             else:
-                (loss * (self.par.layout.dp / t.grad_accum)).backward()
+                scaled.backward()
         return loss.detach(), logs
 
     def forward_backward(self, batches) -> dict[str, Any]:

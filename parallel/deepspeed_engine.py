@@ -28,6 +28,9 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
+        # the trainer owns accumulation: one backward per micro-batch (the loss already divided by train.grad_accum),
+        # one engine.step() per optimizer step, which is then the boundary
+        "managed_gradient_accumulation": False,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},

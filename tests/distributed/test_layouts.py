@@ -168,3 +168,13 @@ def test_deepspeed_checkpoint_resumes_and_exports(assets: list[str], reference: 
             assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
     with pytest.raises(AssertionError, match="written by parallel.engine=deepspeed; resume it with that engine"):
         run_layout(assets, tmp_path / "cross.pt", 1, "train.phase=2", f"train.resume={ckpt}", steps=3)
+
+
+def test_gradient_accumulation_matches_one_process(assets: list[str], tmp_path: Path) -> None:
+    """Two micro-batches per step (each rank's share of the global batch is consumed in two halves): FSDP2 (no reduction
+    until the last micro-batch) and ZeRO-3 (DeepSpeed counts micro-batches in its own forward) equal one process."""
+    want = run_layout(assets, tmp_path / "one.pt", 1, "train.phase=2", "train.grad_accum=2")
+    for name, extra in (("fsdp", []), ("zero", ["parallel.engine=deepspeed"])):
+        got = run_layout(assets, tmp_path / f"{name}.pt", 2, "train.phase=2", "train.grad_accum=2", *extra)
+        assert_same_steps(got, want, (1, 2, 3))
+        assert_same_gradients(got["grads"], want["grads"])
