@@ -178,3 +178,12 @@ def test_gradient_accumulation_matches_one_process(assets: list[str], tmp_path: 
         got = run_layout(assets, tmp_path / f"{name}.pt", 2, "train.phase=2", "train.grad_accum=2", *extra)
         assert_same_steps(got, want, (1, 2, 3))
         assert_same_gradients(got["grads"], want["grads"])
+
+
+def test_deepspeed_stops_with_a_clear_message_on_a_nan_loss(assets: list[str], tmp_path: Path) -> None:
+    """FSDP skips a NaN step (tests/distributed/test_train.py); ZeRO-3 has reduced its gradients by then, so it stops."""
+    args = ["--steps", "3", str(tmp_path / "nan.pt"), *assets, f"train.run_dir={tmp_path / 'nan'}", "train.phase=1",
+            "parallel.engine=deepspeed"]
+    result = run_torchrun(WORKER, 2, args, timeout=300, env={"ECHOMOTION_FAULT_NAN_STEPS": "2"}, check=False)
+    assert "step 2 had a NaN/Inf loss; parallel.engine=deepspeed cannot skip a step" in result.output, result.output[-3000:]
+    assert result.ranks_done == set()
