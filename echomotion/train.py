@@ -26,6 +26,7 @@ import torch
 from parallel import ParallelContext, build_parallel, parallelize
 from parallel.clip import clip_grad_norm_
 from parallel.comm import CommCounter
+from parallel.fp8 import fp8_autocast
 
 from .checkpoint import CheckpointManager, DCPState, StateIO, load_model_weights
 from .config import Config, load_config, to_yaml
@@ -229,17 +230,17 @@ class Trainer:
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only after the last micro-batch
             self.model.set_requires_gradient_sync(last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        with autocast:
+        with autocast, fp8_autocast(self.cfg.parallel):  # the forward only, as Transformer Engine wants it
             net = self.engine if self.engine is not None else self.model  # DeepSpeed counts micro-batches in its forward
             loss, logs = training_loss(net, tb, t.phase, self.cfg.diffusion, self.null_text, gens, self.par.sum_over_dp)
-            if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
-                loss = loss * float("nan")
-            # FSDP and ZeRO average gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
-            scaled = loss * (self.par.layout.dp / t.grad_accum)
-            if self.engine is not None:
-                self.engine.backward(scaled, scale_wrt_gas=False)
-            else:
-                scaled.backward()
+        if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
+            loss = loss * float("nan")
+        # FSDP and ZeRO average gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
+        scaled = loss * (self.par.layout.dp / t.grad_accum)
+        if self.engine is not None:
+            self.engine.backward(scaled, scale_wrt_gas=False)
+        else:
+            scaled.backward()
         return loss.detach(), logs
 
     def forward_backward(self, batches) -> dict[str, Any]:
