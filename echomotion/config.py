@@ -172,7 +172,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # FSDP2: free gathered parameters after each block's forward (ZeRO-3 style)
     param_dtype: str = "fp32"  # FSDP2 compute dtype of gathered parameters: "fp32" | "bf16" (modulation and norms stay fp32)
     reduce_dtype: str = "fp32"  # FSDP2 gradient reduce-scatter dtype
-    cpu_offload: bool = False  # FSDP2: keep sharded parameters, gradients and optimizer state in host memory
+    cpu_offload: bool = False  # parameters, gradients, optimizer state in host memory (FSDP2 offload / ZeRO-Offload)
     activation_checkpointing: str = "none"  # "none" | "full" (every block) | "every_k" (every k-th block, k = ac_every)
     ac_every: int = 2
     compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)

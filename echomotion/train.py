@@ -267,22 +267,21 @@ class Trainer:
         counter = CommCounter(enabled=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         with counter:
             acc = self.forward_backward(batches)
-            grad_norm = float("nan")
             if self.engine is None:
                 grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            elif math.isfinite(acc["loss"]):
-                self.engine.step()  # clips (gradient_clipping) and steps
-                grad_norm = float(self.engine.get_global_grad_norm())
+            else:
+                grad_norm, applied = self._engine_step(acc["loss"])
         loss = acc["loss"]
         self.step += 1
-        if self.engine is not None:
-            if not math.isfinite(loss):
-                raise TrainingError(
-                    f"step {self.step} had a NaN/Inf loss; parallel.engine=deepspeed cannot skip a step once its gradients "
-                    "are reduced. Resume from the last checkpoint (train.resume=auto) with a lower train.lr, or check the data"
-                )
-        elif not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if self.engine is None:  # a NaN/Inf loss or gradient skips the update
+            applied = math.isfinite(loss) and math.isfinite(grad_norm)
+            if applied:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if applied:
+            self.nan_streak = 0
+            self._update_ema()
+        else:
             self.skipped += 1
             self.nan_streak += 1
             if self.exporter:
@@ -292,11 +291,6 @@ class Trainer:
                     f"{self.nan_streak} steps in a row had a NaN/Inf loss or gradient (last at step {self.step}); stopping. "
                     "Lower train.lr, check the data, or resume from an earlier checkpoint with train.resume=<folder>"
                 )
-        else:
-            self.nan_streak = 0
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._update_ema()
         self.scheduler.step()
         step_time = time.perf_counter() - t0
         dp = self.par.layout.dp  # the TP x SP ranks of a group hold the same samples
@@ -318,6 +312,22 @@ class Trainer:
         if counter.enabled:  # this rank's collective inputs in forward, backward and clipping (parallel/comm.py)
             rec.update({f"comm/{kind}_bytes": n for kind, n in counter.bytes_by_kind.items()})
         return rec
+
+    def _engine_step(self, loss: float) -> tuple[float, bool]:
+        """DeepSpeed clips and steps; returns (global grad norm, whether the update was applied). Its ZeRO optimizers skip
+        the update on a NaN/Inf global gradient norm (which a NaN/Inf loss gives) and drop the accumulated gradients, as
+        for an fp16 overflow: the trainer then counts a skipped step, as under FSDP. Every rank steps, so the engine's
+        collectives stay matched, and the decision rests on the all-reduced norm, so every rank takes it alike."""
+        self.engine.step()
+        applied = self.engine.was_step_applied()
+        if applied and not math.isfinite(loss):
+            raise TrainingError(
+                f"step {self.step + 1} had a NaN/Inf loss but DeepSpeed applied the update (its gradient norm was finite "
+                "or not computed: check zero_optimization.compute_grad_norm / bf16.check_grad_overflow in "
+                "parallel.deepspeed_config); resume from the last checkpoint (train.resume=auto)"
+            )
+        norm = self.engine.get_global_grad_norm()
+        return (float("nan") if norm is None else float(norm)), applied
 
     def _tokens(self, batch: Batch) -> int:
         per = batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME

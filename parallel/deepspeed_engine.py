@@ -1,9 +1,12 @@
 """DeepSpeed ZeRO (`parallel.engine=deepspeed`) in place of FSDP2, inside the same trainer.
 
-The DeepSpeed config is generated from ours (micro-batch, accumulation, clipping, ZeRO stage, bf16); the JSON named by
-`parallel.deepspeed_config` is merged over it key by key, so anything DeepSpeed offers can still be set. Ulysses SP works
+The DeepSpeed config is generated from ours (micro-batch, accumulation, clipping, ZeRO stage, bf16, `parallel.cpu_offload`
+as ZeRO-Offload); the JSON named by `parallel.deepspeed_config` is merged over it key by key, so anything DeepSpeed offers
+can still be set. DeepSpeed steps the trainer's own torch AdamW, whose learning rate the trainer's LambdaLR sets, and
+skips a step whose global gradient norm is not finite (the trainer counts it, as under FSDP). Ulysses SP works
 unchanged: `parallelize` installs the same token-sharding seam, and ZeRO, like FSDP2, averages gradients over all its
-data-parallel ranks (here dp x sp), so the trainer's loss scale by the data-parallel degree is the same.
+data-parallel ranks (here dp x sp), so the trainer's loss scale by the data-parallel degree is the same. EMA is refused
+at config load (ZeRO-3 partitions the parameters it would average, and DeepSpeed's checkpoint would not hold it).
 
 ZeRO-3 gathers a module's parameters when that module's forward runs. A dual block calls its motion expert's halves
 (`pre_attention` / `post_attention`) from its own forward, so the expert's direct parameter (`modulation`) is registered as
@@ -12,10 +15,12 @@ used by the dual block too; its submodules (linears, norms) are called through t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from echomotion.checkpoint import DEEPSPEED_TAG, StateIO
@@ -36,7 +41,15 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # the trainer logs
         "wall_clock_breakdown": False,
+        # DeepSpeed gets the trainer's torch AdamW; with optimizer offload it then steps on the host, as under FSDP2's
+        # cpu_offload (DeepSpeed would otherwise refuse any optimizer but its own, JIT-built, DeepSpeedCPUAdam)
+        "zero_force_ds_cpu_optimizer": False,
     }
+    if p.cpu_offload:  # fp32 master weights, gradients and Adam state in host memory (+ the parameters under ZeRO-3)
+        host = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        generated["zero_optimization"]["offload_optimizer"] = dict(host)
+        if p.zero_stage == 3:
+            generated["zero_optimization"]["offload_param"] = dict(host)
     if p.deepspeed_config is None:
         return generated
     try:
@@ -45,6 +58,12 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config} is not valid JSON: {e}") from e
     if not isinstance(user, dict):
         raise ConfigError(f"parallel.deepspeed_config={p.deepspeed_config} must hold a JSON object (DeepSpeed config keys)")
+    owned = sorted({"optimizer", "scheduler"} & user.keys())
+    if owned:  # DeepSpeed would ignore them silently: it is handed the trainer's AdamW and learning-rate schedule
+        raise ConfigError(
+            f"parallel.deepspeed_config={p.deepspeed_config} sets {owned}, but the trainer owns the optimizer and schedule "
+            "under either engine: remove them and use train.lr, train.weight_decay, train.warmup_steps, train.schedule"
+        )
     return merge(generated, user)
 
 
@@ -64,13 +83,37 @@ def register_external_parameters(model: EchoMotionDiT) -> None:
             deepspeed.zero.register_external_parameter(block, block.motion.modulation)
 
 
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def skip_shm_comm_build() -> None:
+    """Start DeepSpeed's comm backend without its shared-memory all-reduce op.
+
+    On a CPU accelerator DeepSpeed JIT-compiles `deepspeed_shm_comm` (a C++ op, ~20 s with 2 cores, once per machine and
+    cached in TORCH_EXTENSIONS_DIR) when its comm backend starts. Only its inference all-reduce uses the op; training
+    collectives go through torch.distributed (gloo here). Marking the op incompatible in DeepSpeed's op table, which it
+    consults before building, skips the build. CUDA accelerators have no such op, and a backend that already started
+    is left alone."""
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and ds_comm.cdb is None:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def initialize(model: EchoMotionDiT, optimizer: torch.optim.Optimizer, cfg: Config) -> Any:
     """The DeepSpeed engine around an already-parallelized (TP-free) model and our AdamW, on the running process group."""
     import deepspeed
 
     if cfg.parallel.zero_stage == 3:
         register_external_parameters(model)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    skip_shm_comm_build()
+    if not dist.is_initialized():  # one process, no launcher: DeepSpeed still wants a process group and a local rank
+        dist.init_process_group(_backend(), store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")
+    deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
                                            dist_init_required=False)
     return engine
@@ -99,7 +142,8 @@ class DeepSpeedState(StateIO):
 
 
 def full_gradient(param: nn.Parameter) -> Optional[torch.Tensor]:
-    """The whole gradient of a ZeRO-partitioned parameter (collective: every rank calls it in the same order)."""
+    """The whole gradient of a ZeRO-3-partitioned parameter between backward and engine.step() (collective: every rank
+    calls it in the same order). ZeRO-1/2 finish their reduction inside engine.step(), so they have none to give then."""
     from deepspeed.utils import safe_get_full_grad
 
     return safe_get_full_grad(param)

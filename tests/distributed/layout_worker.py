@@ -94,6 +94,8 @@ def main() -> None:
 
     def full_gradient(p: torch.nn.Parameter):
         if trainer.engine is not None:
+            if cfg.parallel.zero_stage < 3 or trainer.engine.zero_cpu_offload():
+                return None  # ZeRO-1/2 and ZeRO-Offload finish gradients in engine.step(): no full gradient before it
             from parallel.deepspeed_engine import full_gradient as zero_gradient
 
             return zero_gradient(p)
@@ -119,6 +121,7 @@ def main() -> None:
         record["loss"][rec["step"]] = rec["loss"]
         record["grad_norm"][rec["step"]] = rec["grad_norm"]
         record.setdefault("lr", {})[rec["step"]] = rec["lr"]
+        record.setdefault("skipped", {})[rec["step"]] = rec["skipped_steps"]
         record["tasks"] |= {k.split("/")[1] for k in rec if k.startswith("loss/") and k.count("/") == 2}
         if rec["step"] == 1:
             record["comm"] = {k: v for k, v in rec.items() if k.startswith("comm/")}
