@@ -95,7 +95,9 @@ def write_report(out: Path, timings: dict[str, float], evaluation: Optional[dict
         for name, base in evaluation["baselines"].items():
             lines.append(f"| {name} | {metrics[name]:.4g} | {base} = {metrics[base]:.4g} | {evaluation['better_than_baseline'][name]} |")
         lines += ["", "Lower is better for all metrics; units: MPJPE in mm-equivalent (root-relative), video errors in mean "
-                  "absolute uint8 pixel error."]
+                  "absolute uint8 pixel error. For scale: a reader that got every joint's image position exactly but no "
+                  f"depth would score v2m_mpjpe_depth_unknown = {metrics['v2m_mpjpe_depth_unknown']:.4g} (the camera is "
+                  "orthographic)."]
     titles = {"t2vm": "text -> video + motion (video | skeleton of the generated motion)",
               "t2m": "text -> motion (skeleton)",
               "m2v": "motion -> video (generated video | skeleton of the given motion)",

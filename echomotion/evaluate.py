@@ -9,7 +9,10 @@ task can be scored against an exact reference:
   in HuMoVe-mini are metres, so the value is in millimetres ("mm-equivalent": for other data it is 1000 x its length
   unit). Baseline `v2m_mpjpe_mean_pose`: the dataset's mean pose (motion_stats mean features, decoded + FK) for every
   frame. `v2m_mpjpe_tokens` scores the model's directly predicted joint-position tokens instead of FK (a diagnostic: the
-  two should agree when the model is self-consistent).
+  two should agree when the model is self-consistent). `v2m_mpjpe_depth_unknown` is a reference, not a baseline: the
+  ground truth with every joint's depth (camera axis, z) set to the pelvis's, i.e. the score of a reader that gets every
+  joint's image position exactly but cannot tell depth. HuMoVe-mini's camera is orthographic, so depth shows only through
+  occlusion order and bone lengths; the value says how much of the metric is depth.
 - `m2v_error`: video sampled from the ground-truth motion + caption (m2v), decoded with the dataset's codec to uint8, vs
   `render_clip(gt joints, caption colours)`; mean absolute pixel error on [0, 255]. Baseline `m2v_error_shuffled`: the
   same videos vs renderings of other clips' motions (a fixed derangement) in the generated clip's colours, so only the
@@ -60,7 +63,7 @@ BASELINES: dict[str, str] = {
     "t2vm_consistency": "t2vm_consistency_mismatched",
 }
 METRICS: tuple[str, ...] = (
-    "v2m_mpjpe", "v2m_mpjpe_tokens", "v2m_mpjpe_mean_pose",
+    "v2m_mpjpe", "v2m_mpjpe_tokens", "v2m_mpjpe_mean_pose", "v2m_mpjpe_depth_unknown",
     "m2v_error", "m2v_error_shuffled", "t2vm_consistency", "t2vm_consistency_mismatched",
 )
 UNITS: dict[str, str] = {m: MPJPE_UNITS if m.startswith("v2m") else PIXEL_UNITS for m in METRICS}
@@ -125,6 +128,13 @@ def root_relative_mpjpe(pred: Tensor | np.ndarray, gt: Tensor | np.ndarray, root
     p = p - p[:, root : root + 1]
     g = g - g[:, root : root + 1]
     return float(np.linalg.norm(p - g, axis=-1).mean() * MM_PER_UNIT)
+
+
+def without_depth(joints: Tensor, root: int = 0) -> Tensor:
+    """Joints [F, J, 3] with each joint's z (the camera axis of HuMoVe-mini's fixed camera) replaced by the root's."""
+    flat = joints.clone()
+    flat[..., 2] = joints[:, root : root + 1, 2]
+    return flat
 
 
 def mean_abs_pixel_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -356,6 +366,7 @@ def score(data: EvalData, gen: Generated, seed: int) -> tuple[dict[str, float], 
             "v2m_mpjpe": root_relative_mpjpe(fk_joints(data.layer, v2m), c.joints),
             "v2m_mpjpe_tokens": root_relative_mpjpe(SMPLMotion.from_features(v2m).joints, c.joints),
             "v2m_mpjpe_mean_pose": root_relative_mpjpe(mean_pose, c.joints),
+            "v2m_mpjpe_depth_unknown": root_relative_mpjpe(without_depth(c.joints), c.joints),
             "m2v_error": mean_abs_pixel_error(m2v_video[i], gt_render),
             "m2v_error_shuffled": mean_abs_pixel_error(m2v_video[i], render(clips[j].joints, c)),
             "t2vm_consistency": mean_abs_pixel_error(t2vm_video[i], render(t2vm_joints[i], c)),

@@ -25,9 +25,9 @@ from tests.distributed.test_layouts import (  # noqa: F401  (assets, reference: 
     assert_same_gradients,
     assert_same_steps,
     assets,
+    check_layout,
     reference,
     run_layout,
-    ulysses_bytes,
 )
 
 ZERO = "parallel.engine=deepspeed"
@@ -41,18 +41,7 @@ LAYOUTS = {  # name: (processes, overrides)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_zero3_matches_one_process(name: str, phase: int, assets: list[str], reference: dict, tmp_path: Path) -> None:
     nproc, extra = LAYOUTS[name]
-    got = run_layout(assets, tmp_path / "run.pt", nproc, f"train.phase={phase}", *extra)
-    want = reference[phase]
-    worst = max(abs(got["loss"][s] / want["loss"][s] - 1) for s in (1, 2, 3))
-    norm = torch.sqrt(sum(g.double().square().sum() for g in want["grads"].values()))
-    per_param = max(float((got["grads"][k] - want["grads"][k]).double().norm() / norm) for k in want["grads"])
-    total = float(torch.sqrt(sum((got["grads"][k] - want["grads"][k]).double().square().sum() for k in want["grads"])) / norm)
-    print(f"{name} phase {phase}: max loss relative error {worst:.2e}; gradients: worst parameter {per_param:.2e} of the "
-          f"global norm, global relative error {total:.2e}")
-    assert_same_steps(got, want, (1, 2, 3))
-    assert_same_gradients(got["grads"], want["grads"])
-    assert got["tasks"] == want["tasks"] == ({"t2m"} if phase == 1 else {"joint", "m2v", "v2m"})
-    assert got["comm"]["comm/all_to_all_bytes"] == ulysses_bytes(got["layout"], phase)  # the Ulysses seam is in use
+    check_layout(nproc, extra, phase, assets, reference, tmp_path)
 
 
 @pytest.mark.parametrize("nproc, extra", [(2, ["parallel.zero_stage=2"]), (2, ["parallel.cpu_offload=true"]), (1, [])],

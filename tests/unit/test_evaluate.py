@@ -29,6 +29,7 @@ from echomotion.evaluate import (
     parse_caption_colours,
     root_relative_mpjpe,
     score,
+    without_depth,
 )
 from echomotion.export import load_exported, save_exported
 from echomotion.models import EchoMotionDiT
@@ -69,6 +70,19 @@ def test_mpjpe_is_root_relative_in_mm_equivalent():
     assert root_relative_mpjpe(off, gt) == pytest.approx(5.0 / 24)
     with pytest.raises(ValueError, match="joints must be"):
         root_relative_mpjpe(gt[:2], gt)
+
+
+def test_depth_unknown_reference_is_the_mean_depth_offset():
+    """Flattening depth moves each joint by its depth relative to the pelvis, so the reference is mean |z_j - z_0|."""
+    rng = np.random.default_rng(2)
+    gt = torch.from_numpy(rng.normal(size=(3, 24, 3)))
+    flat = without_depth(gt)
+    assert torch.equal(flat[..., :2], gt[..., :2]) and torch.equal(flat[..., 2], gt[:, :1, 2].expand(3, 24))
+    want = 1000.0 * (gt[..., 2] - gt[:, :1, 2]).abs().mean().item()
+    assert root_relative_mpjpe(flat, gt) == pytest.approx(want, rel=1e-12)
+    planar = gt.clone()
+    planar[..., 2] = 0.7  # a body in a plane facing the camera loses nothing
+    assert root_relative_mpjpe(without_depth(planar), planar) == 0.0
 
 
 def test_mean_abs_pixel_error_on_hand_made_frames():
@@ -160,6 +174,7 @@ def test_oracle_scores_zero_and_beats_every_baseline(setup):
     assert metrics["m2v_error"] == 0.0
     assert metrics["t2vm_consistency"] < 0.05  # FK joints vs stored joints differ by float rounding only
     assert metrics["v2m_mpjpe_mean_pose"] > 20.0
+    assert 0.0 < metrics["v2m_mpjpe_depth_unknown"] < metrics["v2m_mpjpe_mean_pose"]
     assert metrics["m2v_error_shuffled"] > 1.0 and metrics["t2vm_consistency_mismatched"] > 1.0
     report = build_report(data, EvalSettings(steps=1), metrics, checks, records)
     assert all(report["better_than_baseline"].values())
