@@ -25,6 +25,7 @@ EXTRAS = {
     # Test tools and the independent references the tests compare against (diffusers' Wan model).
     "dev": [
         "pytest==9.2.0",
+        "pytest-timeout==2.4.0",  # a hung test fails alone (tests/conftest.py) rather than the whole CI run
         "diffusers==0.39.0",
         "huggingface-hub<1.0",  # diffusers 0.39 with hub >= 1.0 breaks streaming's transformers pin
         "transformers>=4.40,<5",  # mosaicml-streaming 0.13 caps transformers

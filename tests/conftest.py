@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1."""
+"""Shared fixtures: a real S3-compatible server (moto) on 127.0.0.1; a time limit on every test."""
 from __future__ import annotations
 
 import os
@@ -39,3 +39,14 @@ def one_torch_thread() -> Iterator[None]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(saved)
+
+
+TEST_TIME_LIMIT_S = 900  # the slowest test takes about a minute on 2 cores
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that hangs fails alone after TEST_TIME_LIMIT_S (pytest-timeout) instead of holding CI until its 90-minute
+    limit; a test may set its own `@pytest.mark.timeout`."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIME_LIMIT_S))

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.hashing import get_hashes
 from streaming.base.storage import CloudDownloader
 from streaming.base.util import clean_stale_shared_memory
@@ -216,7 +217,12 @@ class HuMoVeStreamingDataset(StreamingDataset):
     """StreamingDataset of `Item`s: decodes, normalizes motion, and turns every read failure into an error naming the shard.
 
     streaming downloads ahead in a background thread; when that thread fails, streaming ends the epoch early and quietly.
-    This class keeps the thread's exception and raises it, so an epoch is either complete or fails loudly.
+    This class keeps the thread's exception and raises it, so an epoch is either complete or fails loudly. Two of
+    streaming's waits have no timeout and would spin forever after such a failure; the overrides below end them:
+    - the end of an epoch waits until its three loops (download, ready, yield) have each reported their exit, and a loop
+      that raised never reports it;
+    - a reader that needs a shard another thread is downloading waits for it to leave PREPARING, which a failed download
+      never did.
     """
 
     def __init__(self, *, stats: MotionStats, **kwargs: Any):
@@ -230,6 +236,28 @@ class HuMoVeStreamingDataset(StreamingDataset):
             if self._background_error is None:
                 self._background_error = err
             self._event.set()  # stop streaming's other threads; the error is raised by the reading thread
+
+    def _prepare_thread(self, it: Any) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it: Any) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except DataError:  # raised by RetryingStream after streaming marked the shard PREPARING (and let go of the lock)
+            with self._cache_filelock:
+                self._shard_states[shard_id] = _ShardState.REMOTE  # a waiting reader now downloads it itself, or fails
+            raise
 
     def _raise_background_error(self) -> None:
         if self._background_error is not None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from echomotion.motion.smpl import MotionStats, SMPLMotion
 from tests.s3_server import S3Server, s3_client
 from tests.tiny_shards import write_tiny_shards
 
+REPEATS = 40  # failed epochs per run of the hang test: a hang-prone build fails it with probability ~1 - 0.9**40 = 0.985
 FAST = ["data.num_workers=0", "data.clean_stale_shm=false", "data.retry_base_delay=0.05", "data.retry_max_delay=0.1"]
 
 
@@ -214,6 +217,47 @@ def test_unreachable_store_fails_with_an_error_naming_file_and_endpoint(
             list(loader)
     finally:
         s3_server.start()
+
+
+def test_failed_downloads_end_the_epoch_with_the_error_every_time(
+    shards: tuple[Path, list], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """streaming's epoch end waits, without a timeout, for its download threads to report that they exited; one that failed
+    never did, so roughly one failed epoch in ten hung forever (which side of a thread race wins). Many epochs, each watched.
+    A reader waiting for a shard whose download failed elsewhere must not wait forever either."""
+    root, _ = shards
+    s3_server.upload(root, "s3://unit/flaky")
+    built = []
+    for i in range(REPEATS + 1):  # REPEATS epochs and one reader
+        cfg = config("s3://unit/flaky", f"data.cache_dir={tmp_path / str(i)}", "data.download_retry=0")
+        built.append(build_dataloader(cfg, rank=0, world_size=1))
+    s3_server.stop()
+    try:
+        for i, (_, loader) in enumerate(built[:REPEATS]):
+            assert isinstance(_watched(lambda: list(loader), f"epoch {i} of {REPEATS}"), ShardFetchError)
+        dataset = built[-1][0]
+        with pytest.raises(ShardFetchError):
+            dataset.prepare_shard(0, blocking=False)  # as the download thread does
+        assert isinstance(_watched(lambda: dataset.prepare_shard(0), "a reader waiting for shard 0"), ShardFetchError)
+    finally:
+        s3_server.start()
+
+
+def _watched(fn: Callable[[], object], what: str, timeout: float = 60) -> BaseException | None:
+    """The exception `fn` raises in a thread, or None; fails the test if `fn` is still running after `timeout` s."""
+    outcome: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            outcome[0] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{what} hung"
+    return outcome[0]
 
 
 def test_cache_limit_evicts_and_still_reads_everything(
