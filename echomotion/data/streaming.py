@@ -213,6 +213,15 @@ class Item:
     text: torch.Tensor  # [text_length, text_dim], stored dtype (float16)
 
 
+def _reporting_exit(loop: Callable[[Any], None], it: Any) -> None:
+    """Run one of streaming's epoch loops, which reports its exit to `it` only when it returns: report it on an error too."""
+    try:
+        loop(it)
+    except BaseException:
+        it.on_exit()
+        raise
+
+
 class HuMoVeStreamingDataset(StreamingDataset):
     """StreamingDataset of `Item`s: decodes, normalizes motion, and turns every read failure into an error naming the shard.
 
@@ -238,18 +247,10 @@ class HuMoVeStreamingDataset(StreamingDataset):
             self._event.set()  # stop streaming's other threads; the error is raised by the reading thread
 
     def _prepare_thread(self, it: Any) -> None:
-        try:
-            super()._prepare_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        _reporting_exit(super()._prepare_thread, it)
 
     def _ready_thread(self, it: Any) -> None:
-        try:
-            super()._ready_thread(it)
-        except BaseException:
-            it.on_exit()
-            raise
+        _reporting_exit(super()._ready_thread, it)
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         try:

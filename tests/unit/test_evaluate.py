@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from echomotion.config import load_config
 from echomotion.data.synthetic import ACTIONS, COLOURS, generate_humove_mini, sample_spec
@@ -25,6 +26,7 @@ from echomotion.evaluate import (
     clip_batches,
     derangement,
     evaluate,
+    fk_joints,
     mean_abs_pixel_error,
     parse_caption_colours,
     root_relative_mpjpe,
@@ -33,6 +35,7 @@ from echomotion.evaluate import (
 )
 from echomotion.export import load_exported, save_exported
 from echomotion.models import EchoMotionDiT
+from echomotion.models.echomotion import Prediction, Task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,8 +184,9 @@ def test_oracle_scores_zero_and_beats_every_baseline(setup):
     assert [r["clip_id"] for r in records] == [c.clip_id for c in data.clips]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
+def _load_tool(name: str):
+    """A script under tools/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
@@ -191,7 +195,7 @@ def _load_cli():
 def test_cli_end_to_end_on_a_tiny_random_model(setup, capsys):
     data_dir, ckpt, root = setup
     out = root / "report.json"
-    cli = _load_cli()
+    cli = _load_tool("evaluate")
     cli.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(out), "--max-clips", "3",
               "--batch-size", "2", "--seed", "5", "--no-progress"])
     printed = capsys.readouterr().out
@@ -216,3 +220,55 @@ def test_cli_end_to_end_on_a_tiny_random_model(setup, capsys):
 
     with pytest.raises(EvaluationError, match="holds no shards"):
         evaluate(model, cfg, data_dir, settings, split="nope")
+
+
+# --- tools/probe_conditioning.py ---------------------------------------------------------------------------------------
+
+
+class _LookupOracle(nn.Module):
+    """Knows every clip's clean motion by its video latent and answers V2M with the exact velocity (x_sigma - x0) / sigma:
+    the posterior mean is then that clip's motion. With the video hidden it answers the dataset's mean (0 normalized)."""
+
+    def __init__(self, clips):
+        super().__init__()
+        self.clips = clips
+
+    def forward(self, video, video_timestep, video_mask, motion, motion_timestep, text, task):
+        assert bool((video_timestep == 0).all()) and bool((task == int(Task.V2M)).all())
+        sigma = motion_timestep[:, None, None] / 1000.0
+        x0 = torch.stack([
+            next(c.motion for c in self.clips if torch.equal(c.latent, v)) if shown else torch.zeros_like(motion[0])
+            for v, shown in zip(video, video_mask)
+        ])
+        return Prediction(None, (motion - x0) / sigma)
+
+
+def test_probe_reads_the_posterior_mean_of_each_condition(setup, capsys):
+    """Against a lookup oracle: own video -> that clip's motion (MPJPE ~0); another clip's video -> that clip's motion
+    (MPJPE = brute-force MPJPE between the two clips); hidden -> the mean pose. Flow MSE against the true velocity is ~0
+    with the own video only."""
+    data_dir, ckpt, _ = setup
+    tool = _load_tool("probe_conditioning")
+    data = EvalData.load(data_dir, "heldout", text_len=16)
+    clips = data.clips
+    report = tool.probe(_LookupOracle(clips), data, sigmas=[0.5, 1.0], seed=3, batch_size=3)
+    other = derangement(len(clips), 3)
+    swapped = np.mean([
+        _brute_mpjpe(fk_joints(data.layer, clips[int(other[i])].features).numpy(), c.joints.numpy())
+        for i, c in enumerate(clips)
+    ])
+    for sigma in ("0.5", "1"):
+        assert report["probe"][f"own@{sigma}"]["mpjpe"] < 1e-3
+        assert report["probe"][f"own@{sigma}"]["flow_mse"] < 1e-9
+        assert report["probe"][f"other@{sigma}"]["mpjpe"] == pytest.approx(swapped, rel=1e-4)
+        assert report["probe"][f"other@{sigma}"]["flow_mse"] > 1e-3
+        assert report["probe"][f"hidden@{sigma}"]["mpjpe"] == pytest.approx(report["mean_pose_mpjpe"], rel=1e-4)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        tool.probe(_LookupOracle(clips), data, sigmas=[0.0])
+
+    # The CLI on a real (random) model: the table and the JSON.
+    out = data_dir.parent / "probe.json"
+    tool.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(out), "--max-clips", "3"])
+    written = json.loads(out.read_text())
+    assert set(written["probe"]) == {f"{c}@{s}" for c in ("own", "other", "hidden") for s in ("0.5", "1")}
+    assert written["clips"] == 3 and "own@1" in capsys.readouterr().out
