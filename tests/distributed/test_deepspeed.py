@@ -76,13 +76,7 @@ def test_zero3_checkpoint_resumes_and_exports(assets: list[str], reference: dict
     run_layout(assets, tmp_path / "one.pt", 1, "train.phase=2", steps=2, save_at=2)
     ours = load_exported(export_checkpoint(ckpt, tmp_path / "zero.safetensors"))[0].state_dict()
     want = load_exported(export_checkpoint(tmp_path / "one" / "checkpoints" / "step-00000002", tmp_path / "one.safetensors"))[0]
-    for name, value in want.state_dict().items():
-        if name.endswith(".k.bias"):
-            # analytically zero gradient (softmax ignores a constant added to every key): Adam's normalized step turns
-            # the round-off into a step of up to lr either way, so only bound it by the two steps' learning rates
-            assert (ours[name] - value).abs().max() <= 2 * sum(reference[2]["lr"][s] for s in (1, 2)), name
-        else:
-            assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
+    assert_same_weights(ours, want.state_dict(), sum(reference[2]["lr"][s] for s in (1, 2)))
     with pytest.raises(AssertionError, match="written by parallel.engine=deepspeed; resume it with that engine"):
         run_layout(assets, tmp_path / "cross.pt", 1, "train.phase=2", f"train.resume={ckpt}", steps=3)
 
@@ -108,9 +102,23 @@ def test_zero3_skips_a_nan_step_like_one_process(assets: list[str], tmp_path: Pa
     step3 = Path("checkpoints") / "step-00000003"
     ours = load_exported(export_checkpoint(tmp_path / "zero" / step3, tmp_path / "zero.safetensors"))[0].state_dict()
     theirs = load_exported(export_checkpoint(tmp_path / "one" / step3, tmp_path / "one.safetensors"))[0].state_dict()
-    for name, value in theirs.items():
-        if not name.endswith(".k.bias"):  # see test_zero3_checkpoint_resumes_and_exports
-            assert torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
+    assert_same_weights(ours, theirs, sum(want["lr"][s] for s in (1, 3)))
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], lr_sum: float) -> None:
+    """Exported weights after a few AdamW steps against one process's: each tensor within 1e-5 of its norm. Not per
+    element: Adam divides by the gradient's own magnitude, so an element whose gradient is near zero turns the round-off
+    of a different reduction order into a visible step (seen: 1.5e-6 on a 0.2-sized weight, 2e-7 of the tensor's norm),
+    while a wrong or missing update moves whole tensors by ~lr per element. A k-projection bias has an analytically zero
+    gradient (softmax ignores a constant added to every key), so its steps are pure round-off of up to lr either way:
+    bounded by the steps' learning rates."""
+    assert set(got) == set(want)
+    for name, value in want.items():
+        diff = (got[name] - value).double()
+        if name.endswith(".k.bias"):
+            assert diff.abs().max() <= 2 * lr_sum, name
+        else:
+            assert diff.norm() <= LOSS_RTOL * value.double().norm(), f"{name}: {float(diff.norm() / value.double().norm()):.2e}"
 
 
 # ------------------------------------------------------------------------------------------- generated DeepSpeed config
