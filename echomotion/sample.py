@@ -74,6 +74,19 @@ class InferenceContext:
             raise KeyError(f"clip ids {missing} not in {self.data / split}; available e.g. {sorted(found)[:5]}")
         return [found[i] for i in ids]
 
+    def check_clip_frames(self, task: str, clips: Sequence[Sample]) -> None:
+        """m2v takes its motion from the clips but the video shape from dataset.json; v2m its video from the clips but
+        the motion length from dataset.json. A clip of another length would put the motion off the video in time."""
+        want = int(self.info["num_frames"])
+        got = {c.clip_id: int(c.joints.shape[0]) if task == "m2v" else int(c.num_frames) for c in clips}
+        bad = {k: n for k, n in got.items() if n != want}
+        if bad:
+            raise ValueError(
+                f"{task}: clips {bad} (id: {'motion' if task == 'm2v' else 'video'} frames) do not have the "
+                f"num_frames={want} of {self.data / 'dataset.json'}, which sets the other modality's length; pick clips "
+                f"of {want} frames, or pass --data the dataset folder those clips came from"
+            )
+
     def motion_of(self, s: Sample) -> torch.Tensor:
         return self.stats.normalize(motion_features(s)).float()
 
@@ -102,6 +115,7 @@ class InferenceContext:
         else:
             if not clips:
                 raise ValueError(f"task {task} needs input clips (--clip ID)")
+            self.check_clip_frames(task, clips)
             if task == "m2v":
                 text = self.encode_text([c.caption for c in clips])
                 motion_cond = torch.stack([self.motion_of(c) for c in clips]).to(self.device)

@@ -16,7 +16,8 @@ Noise levels follow `flow.sampling_sigmas`; an ODE step from sigma to sigma_next
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,52 @@ def _repeat(x: Optional[Tensor], n: int) -> Optional[Tensor]:
     return None if x is None else torch.cat([x] * n)
 
 
+def _weights_autocast(weight: Tensor) -> ContextManager:
+    """Autocast at the weights' dtype when it is not fp32: Wan's modulation returns fp32 activations on purpose, which a
+    bf16/fp16 Linear cannot take. fp32 weights get no context (an enabled=False autocast would switch off a caller's)."""
+    if weight.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=weight.device.type, dtype=weight.dtype)
+
+
+def _motion_timing(model: nn.Module) -> Optional[tuple[int, float]]:
+    """(model.patch_size[0], model.rope.temporal_ratio) of an EchoMotionDiT (or a wrapper's `.module`); None for a
+    stand-in model without them, whose positions the sampler cannot know."""
+    inner = getattr(model, "module", model)
+    patch, config = getattr(inner, "patch_size", None), getattr(inner, "config", None)
+    rope = getattr(config, "rope", None)
+    if patch is None or rope is None:
+        return None
+    return int(patch[0]), float(rope.temporal_ratio)
+
+
+def check_motion_length(model: nn.Module, latent_frames: int, motion_frames: int) -> None:
+    """Motion and video must span the same time: MVS-RoPE puts motion frame f at time f / ratio and video token frame k
+    (latent frames / patch_size[0] of them) at time k, so M motion frames fit T token frames only if
+    M = ratio * (T - 1) + 1. The model itself cannot check this (training pads motion and masks it), so the sampler does.
+    """
+    timing = _motion_timing(model)
+    if timing is None:
+        return
+    pt, ratio = timing
+    if latent_frames % pt:
+        raise ValueError(f"video latent frames {latent_frames} must be divisible by model.patch_size[0]={pt}")
+    tokens = latent_frames // pt
+    want = ratio * (tokens - 1) + 1
+    if abs(want - motion_frames) < 1e-9:
+        return
+    fits = f"{round(want)} motion frames" if abs(want - round(want)) < 1e-9 else "no whole number of motion frames"
+    back = (motion_frames - 1) / ratio + 1  # token frames that `motion_frames` would span
+    other = (f"a video of {round(back) * pt} latent frames" if abs(back - round(back)) < 1e-9 and back >= 1
+             else f"no video length (it needs {ratio:g} * k + 1 motion frames)")
+    raise ValueError(
+        f"motion has {motion_frames} frames but the video latent has {latent_frames}: MVS-RoPE puts motion frame f at "
+        f"time f / {ratio:g} (model.rope.temporal_ratio) and the {tokens} video token frames (model.patch_size[0]={pt}) "
+        f"at times 0..{tokens - 1}, so this video needs {fits} ({ratio:g} * ({tokens} - 1) + 1); {motion_frames} motion "
+        f"frames would fit {other}. Make motion_frames / motion_cond and video_shape / video_cond agree"
+    )
+
+
 def guided_velocity(
     model: nn.Module,
     task: str,
@@ -69,8 +116,9 @@ def guided_velocity(
     """The guided velocity of one step (Eq. 4-6), from one batched model call over the guidance passes.
 
     `video` / `motion` are what the model sees: the noisy state at `sigma` for generated modalities, the clean data for the
-    condition (video None for "t2m"). `motion_mask` [B, F] marks real motion frames (None = all real). Returns
-    Prediction with the velocity of each generated modality and None for the others.
+    condition (video None for "t2m"). `motion_mask` [B, F] marks real motion frames (None = all real). Inputs are cast to
+    the weights' dtype, and non-fp32 weights run under autocast at that dtype. Returns Prediction with the velocity of
+    each generated modality and None for the others.
     """
     hint = _check_task(task)
     if motion is None:
@@ -80,7 +128,8 @@ def guided_velocity(
     if task != "v2m" and text is None:
         raise ValueError(f"task {task!r} needs text embeddings [B, L, D]; only 'v2m' runs without text")
     b, device = motion.shape[0], motion.device
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
+    dtype = weight.dtype
     null = _null_batch(null_text, b, device) if task == "v2m" else null_text_like(null_text, text)
     real = torch.ones(motion.shape[:2], dtype=torch.bool, device=device) if motion_mask is None else motion_mask.bool()
     no_motion = torch.zeros_like(real)
@@ -97,16 +146,17 @@ def guided_velocity(
 
     noisy = to_timestep(torch.full((n * b,), float(sigma), device=device), num_train_timesteps)
     clean = torch.zeros_like(noisy)
-    out = model(
-        video=_repeat(video, n).to(dtype) if video is not None else None,
-        video_timestep=(clean if task == "v2m" else noisy) if video is not None else None,
-        video_mask=torch.cat(video_masks) if video_masks is not None else None,
-        motion=_repeat(motion, n).to(dtype),
-        motion_timestep=clean if task == "m2v" else noisy,
-        motion_mask=None if motion_mask is None and task != "m2v" else torch.cat(motion_masks),
-        text=torch.cat(texts).to(dtype),
-        task=torch.full((n * b,), int(hint), dtype=torch.long, device=device),
-    )
+    with _weights_autocast(weight):
+        out = model(
+            video=_repeat(video, n).to(dtype) if video is not None else None,
+            video_timestep=(clean if task == "v2m" else noisy) if video is not None else None,
+            video_mask=torch.cat(video_masks) if video_masks is not None else None,
+            motion=_repeat(motion, n).to(dtype),
+            motion_timestep=clean if task == "m2v" else noisy,
+            motion_mask=None if motion_mask is None and task != "m2v" else torch.cat(motion_masks),
+            text=torch.cat(texts).to(dtype),
+            task=torch.full((n * b,), int(hint), dtype=torch.long, device=device),
+        )
     w1, w2 = text_guidance, condition_guidance
 
     def text_cfg(u: tuple[Tensor, ...]) -> Tensor:  # Eq. 4: passes [(.., y); (.., null)]
@@ -182,9 +232,12 @@ def sample(
     Per task: "t2vm" needs text, video_shape [B, C, F, H, W] and motion_frames; "t2m" text and motion_frames; "m2v" text,
     motion_cond [B, F, 235] and video_shape; "v2m" video_cond [B, C, F, H, W] and motion_frames (text is ignored: V2M is
     never text-conditioned). `motion_mask` [B, F] marks real motion frames (of the condition, or of the generated motion;
-    frames outside it are hidden and come back as unconstrained values to trim). The state is integrated in float32;
-    model inputs are cast to the model's parameter dtype. Noise is drawn from `generator`, video before motion. The model
-    is used as given (put it in eval mode first).
+    frames outside it are hidden and come back as unconstrained values to trim). With both modalities (t2vm, m2v, v2m)
+    the motion must span the video: ratio * (latent frames / patch_size[0] - 1) + 1 frames (9 for 3 latent frames with
+    Wan's 4x VAE; see `check_motion_length`). The state is integrated in float32; model inputs are cast to the model's
+    parameter dtype, and bf16/fp16 weights run under torch.autocast at that dtype on the weights' device type (Wan's
+    modulation stays fp32). Noise is drawn from `generator`, video before motion. The model is used as given (put it in
+    eval mode first).
     """
     _check_task(task)
     if task == "v2m":
@@ -212,6 +265,10 @@ def sample(
             raise ValueError(f"{name} is only used by task {'v2m' if name == 'video_cond' else 'm2v'}, not {task!r}")
     if motion_mask is not None and motion_mask.shape != (b, motion_frames):
         raise ValueError(f"motion_mask has shape {tuple(motion_mask.shape)}; expected [{b}, {motion_frames}]")
+    if task == "v2m" and video_cond.dim() != 5:
+        raise ValueError(f"video_cond has shape {tuple(video_cond.shape)}; expected latents [B, C, F, H, W]")
+    if task != "t2m":
+        check_motion_length(model, video_cond.shape[2] if task == "v2m" else video_shape[2], motion_frames)
 
     generated = GENERATED[task]
     state: list[Tensor] = []

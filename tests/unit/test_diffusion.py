@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from echomotion.config import DiffusionConfig, model_preset
+from echomotion.config import Config, DiffusionConfig, model_preset
 from echomotion.diffusion import (
     TrainingBatch,
     add_noise,
@@ -21,6 +21,8 @@ from echomotion.diffusion import (
     training_loss,
     velocity_target,
 )
+from echomotion.diffusion.sampler import check_motion_length
+from echomotion.export import load_exported, save_exported
 from echomotion.models import EchoMotionDiT, Task
 
 FEATURES = 235
@@ -396,6 +398,77 @@ def test_sample_shapes_and_conditions(model):
         sample(model, "i2v", text, null, **common)
     with pytest.raises(ValueError, match="unknown solver"):
         sample(model, "t2m", text, null, motion_frames=FRAMES, steps=1, solver="rk4")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("motion_frames", [9, 10, 17, 5])
+def test_sample_needs_motion_spanning_the_video(model, motion_frames):
+    """3 latent frames sit at times 0..2; motion frame f at f / 4. Only 4 * (3 - 1) + 1 = 9 frames end on the last latent
+    (17 would run 2 latents past it), for every task with both modalities; t2m has no video to match."""
+    text, null, _, _, _ = _cfg_inputs()
+    g = torch.Generator().manual_seed(1)
+    x, m = torch.randn(B, 16, 3, 4, 6, generator=g), torch.randn(B, motion_frames, FEATURES, generator=g)
+    calls = {
+        "t2vm": lambda: sample(model, "t2vm", text, null, video_shape=x.shape, motion_frames=motion_frames, steps=1),
+        "m2v": lambda: sample(model, "m2v", text, null, video_shape=x.shape, motion_cond=m, steps=1),
+        "v2m": lambda: sample(model, "v2m", None, null, video_cond=x, motion_frames=motion_frames, steps=1),
+    }
+    for task, call in calls.items():
+        if motion_frames == 9:
+            call()
+        else:
+            with pytest.raises(ValueError, match=f"motion has {motion_frames} frames .* needs 9 motion frames"):
+                call()
+    sample(model, "t2m", text, null, motion_frames=motion_frames, steps=1)
+
+
+@pytest.mark.parametrize(
+    "overrides,latent,want",
+    [
+        ([], 5, 17),
+        ([], 1, 1),  # a single latent frame: a single motion frame
+        (["model.patch_size=[2,2,2]"], 4, 5),  # 2 token frames, at times 0 and 1
+        (["model.rope.temporal_ratio=2"], 3, 5),
+    ],
+)
+def test_motion_length_follows_patch_and_ratio(overrides, latent, want):
+    """The allowed length is ratio * (latent / patch_size[0] - 1) + 1, read off the model's own RoPE settings."""
+    model = EchoMotionDiT(model_preset("tiny", overrides))
+    check_motion_length(model, latent, want)
+    for wrong in (want - 1, want + 1):
+        with pytest.raises(ValueError, match=f"needs {want} motion frames"):
+            check_motion_length(model, latent, wrong)
+
+
+def test_motion_length_error_names_both_ways_to_fix_it(model):
+    with pytest.raises(ValueError, match="needs 9 motion frames .* 17 motion frames would fit a video of 5 latent frames"):
+        check_motion_length(model, 3, 17)
+    with pytest.raises(ValueError, match="10 motion frames would fit no video length"):
+        check_motion_length(model, 3, 10)
+    odd = EchoMotionDiT(model_preset("tiny", ["model.rope.temporal_ratio=2.5"]))
+    with pytest.raises(ValueError, match="needs no whole number of motion frames"):  # 2.5 * (2 - 1) + 1 = 3.5
+        check_motion_length(odd, 2, 3)
+    with pytest.raises(ValueError, match="divisible by model.patch_size"):
+        check_motion_length(EchoMotionDiT(model_preset("tiny", ["model.patch_size=[2,2,2]"])), 3, 9)
+
+
+@torch.no_grad()
+def test_bf16_export_samples_close_to_fp32(model, tmp_path):
+    """A bf16 export loaded as bf16 used to fail in the first Linear after Wan's fp32 modulation ("mat1 and mat2 must have
+    the same dtype"); the sampler now autocasts at the weights' dtype. Bound: bf16 keeps 8 significant bits (2^-9 = 0.2%
+    rounding per weight and activation); through the layers, guidance (w1 = 3.5 amplifies cond - uncond) and 4 steps
+    the error measured 0.7-1.0% of the sample's norm (3 model x 3 noise seeds). 5% leaves a 5x margin and still
+    catches a wrong model: the velocity's part is 55-86% of the sample's norm, and another seed's model is 42-118% off."""
+    path = save_exported(model, Config(model=model.config), tmp_path / "bf16.safetensors", dtype="bf16")
+    bf16, _ = load_exported(path, dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    text, null, _, _, _ = _cfg_inputs()
+    kw = dict(video_shape=(B, *VIDEO), motion_frames=FRAMES, steps=4, text_guidance=W1)
+    want = sample(model, "t2vm", text, null, generator=torch.Generator().manual_seed(1), **kw)
+    got = sample(bf16, "t2vm", text, null, generator=torch.Generator().manual_seed(1), **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and bool(torch.isfinite(g).all())
+        assert ((g - w).norm() / w.norm()).item() < 0.05
 
 
 # ------------------------------------------------------------------------------------------------------------ overfit
