@@ -2,10 +2,14 @@
 
 Layout: `run_dir/checkpoints/step-00000004/` holds the DCP shards of model + optimizer (+ EMA) (or, under
 `parallel.engine=deepspeed`, DeepSpeed's own files in a `deepspeed/` sub-folder), one `extra-rank00000.pt` per
-rank (RNG states, data-loader state, scheduler) and `meta.json` (step, world size, config). Every rank writes into
+rank (RNG states, data-loader state) and `meta.json` (step, world size, layout, config, skipped-step counters). Every rank writes into
 `step-N.partial/`; only after all ranks have finished does rank 0 write `meta.json` and rename the folder to `step-N`, so a
 crash or kill during a save leaves a `.partial` folder that `latest()` never picks. DCP reshards on load, so a checkpoint
 written under one parallel layout loads under another.
+
+A run that continues from an older step than its newest checkpoint (`train.resume=<folder>`, or `never` in a used
+run_dir) moves the newer checkpoints to `run_dir/superseded/` (`supersede_after`): they belong to an abandoned timeline,
+and left in place they would collide with new saves, be deleted by keep-last, or be picked by the next `resume=auto`.
 """
 from __future__ import annotations
 
@@ -45,6 +49,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's meta.json; a clear error for anything else."""
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete checkpoint (no meta.json): pass a step-N folder under <run_dir>/checkpoints "
+            "(an unfinished save leaves a .partial folder, which cannot be loaded)"
+        )
+    return json.loads(meta.read_text())
+
+
+def superseded_dir(run_dir: str | Path, step: int) -> Path:
+    """Where a run that continues from `step` puts what it replaces (newer checkpoints, dropped metrics lines)."""
+    return Path(run_dir) / "superseded" / f"from-step-{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int, rank: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -61,6 +81,22 @@ class CheckpointManager:
     def latest(self) -> Optional[Path]:
         done = self.complete()
         return done[-1] if done else None
+
+    def supersede_after(self, step: int, archive: Path) -> list[Path]:
+        """Rank 0, at start-up: move complete checkpoints newer than `step` into `archive` (nothing is deleted) and remove
+        `.partial` debris of interrupted saves (never loadable). Returns the moved folders' new paths."""
+        if not self.root.exists():
+            return []
+        for debris in self.root.glob("step-*.partial"):
+            shutil.rmtree(debris)
+        moved = []
+        for old in self.complete():
+            if int(STEP_DIR.match(old.name).group(1)) > step:
+                archive.mkdir(parents=True, exist_ok=True)
+                moved.append(Path(shutil.move(old, archive / old.name)))
+        if moved:
+            _fsync_dir(self.root)
+        return moved
 
     def save(self, step: int, state: "StateIO", extra: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it. `state` writes the model and optimizer shards. Returns the final folder."""
@@ -85,16 +121,20 @@ class CheckpointManager:
                 json.dump(meta, fh, indent=1)
                 fh.flush()
                 os.fsync(fh.fileno())
+            _fsync_dir(partial)  # every rank's file entries are durable before the folder becomes visible as complete
             os.replace(partial, final)
             _fsync_dir(self.root)
             for old in self.complete()[: -self.keep_last] if self.keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                try:
+                    shutil.rmtree(old)
+                except OSError as e:  # a full or flaky disk: keep training, but say that space is not being freed
+                    warnings.warn(f"keep_last could not delete {old}: {e}", stacklevel=2)
         _barrier()
         return final
 
     def load(self, path: Path, state: "StateIO") -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
         """Load model/optimizer (resharding as needed); returns (meta, this rank's extra or None if there is none)."""
-        meta = json.loads((path / "meta.json").read_text())
+        meta = read_meta(path)
         state.read(path)
         extra_path = path / f"extra-rank{self.rank:05d}.pt"
         extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
@@ -146,7 +186,7 @@ DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint written by DeepSpeed's
 
 def load_model_weights(path: Path, model: nn.Module, use_ema: bool = False) -> dict[str, Any]:
     """Model weights only (or the EMA copy) from a DCP checkpoint into a plain single-device model; returns meta."""
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     if (path / DEEPSPEED_TAG).is_dir():
         if use_ema:
             raise ValueError(f"{path} was written by DeepSpeed, which keeps no EMA copy here (train.ema_decay needs engine=fsdp)")

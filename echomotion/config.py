@@ -375,8 +375,9 @@ def _train_problems(t: TrainConfig) -> list[str]:
         problems.append(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off)")
     if t.precision not in ("fp32", "bf16"):
         problems.append(f"train.precision={t.precision!r}: choose 'fp32' or 'bf16'")
-    if t.resume not in ("auto", "never") and not Path(t.resume).is_dir():
-        problems.append(f"train.resume={t.resume!r} is neither 'auto', 'never' nor an existing checkpoint folder")
+    if t.resume not in ("auto", "never") and not (Path(t.resume) / "meta.json").is_file():
+        problems.append(f"train.resume={t.resume!r} is neither 'auto', 'never' nor a complete checkpoint folder (a step-N "
+                        "folder with meta.json; an interrupted save leaves a .partial folder, which cannot be loaded)")
     if t.init_wan and t.init_from:
         problems.append("set only one of train.init_wan (pretrained Wan) and train.init_from (an EchoMotion checkpoint)")
     return problems

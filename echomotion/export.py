@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import load_model_weights
+from .checkpoint import load_model_weights, read_meta
 from .config import Config, config_from_dict, to_yaml
 from .models import EchoMotionDiT
 
@@ -24,13 +24,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = False) -> Path:
     """DCP checkpoint folder -> one safetensors file (+ a readable `<out>.yaml` copy of the config). Written atomically."""
     ckpt = Path(checkpoint)
-    if not (ckpt / "meta.json").exists():
-        raise FileNotFoundError(
-            f"{ckpt} is not a complete checkpoint (no meta.json); pass a run's checkpoints/step-XXXXXXXX folder"
-        )
+    meta = read_meta(ckpt)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    meta = json.loads((ckpt / "meta.json").read_text())
     cfg = config_from_dict(meta["config"])
     if use_ema and not meta.get("has_ema"):
         raise ValueError(f"{ckpt} holds no EMA weights (train.ema_decay was 0); export without --ema")

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from .checkpoint import superseded_dir
 from .config import ModelConfig, dual_layer_indices
 from .motion.smpl import MOTION_TOKENS_PER_FRAME, POS_DIM, ROT_DIM, SHAPE_DIM, NUM_POS_TOKENS, NUM_ROT_TOKENS
 
@@ -62,19 +63,34 @@ def peak_flops_per_device(configured: float) -> Optional[float]:
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl` written by rank 0; on resume, lines past the resumed step are dropped so the file
-    describes exactly the steps the model state contains."""
+    """Append-only `metrics.jsonl` written by rank 0. On resume, lines past the resumed step (and a line torn by a crash
+    mid-write) move to `archive`, so the file describes exactly the steps the model state contains and nothing written
+    is lost."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, enabled: bool, resume_step: int = 0, archive: Optional[Path] = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
-                kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(ln + "\n" for ln in kept))
-                os.replace(tmp, self.path)
+                self._cut(resume_step, archive or superseded_dir(run_dir, resume_step))
+
+    def _cut(self, resume_step: int, archive: Path) -> None:
+        kept, dropped = [], []
+        for ln in self.path.read_text().splitlines():
+            if ln.strip():
+                rec = _parse(ln)
+                (kept if rec is not None and rec.get("step", 0) <= resume_step else dropped).append(ln)
+        if not dropped:
+            return
+        archive.mkdir(parents=True, exist_ok=True)
+        with (archive / "metrics.jsonl").open("a") as fh:
+            fh.write("".join(ln + "\n" for ln in dropped))
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -84,9 +100,21 @@ class MetricsLog:
             fh.write(json.dumps(clean) + "\n")
 
 
+def _parse(line: str) -> Optional[dict[str, Any]]:
+    """One metrics line, or None for a line a crash tore mid-write."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl`, skipping a line torn by a crash."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [rec for ln in path.read_text().splitlines() if ln.strip() and (rec := _parse(ln)) is not None]
 
 
 class PrometheusExporter:

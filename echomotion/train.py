@@ -28,7 +28,7 @@ from parallel.clip import clip_grad_norm_
 from parallel.comm import CommCounter
 from parallel.fp8 import fp8_autocast
 
-from .checkpoint import CheckpointManager, DCPState, StateIO, load_model_weights
+from .checkpoint import CheckpointManager, DCPState, StateIO, load_model_weights, read_meta, superseded_dir
 from .config import Config, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
@@ -52,8 +52,11 @@ def sample_generator(seed: int, step: int, micro: int, clip_id: str) -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def build_model(cfg: Config) -> EchoMotionDiT:
-    """Fresh (seeded), from pretrained Wan, or from an EchoMotion checkpoint / export (Phase 2 <- Phase 1)."""
+def build_model(cfg: Config, initial_weights: bool = True) -> EchoMotionDiT:
+    """Fresh (seeded), from pretrained Wan, or from an EchoMotion checkpoint / export (Phase 2 <- Phase 1).
+
+    `initial_weights=False` (a resume, whose checkpoint overwrites every weight) skips train.init_wan / init_from, so a
+    resumed run does not need their sources any more (keep-last may have rotated a Phase 1 folder away)."""
     t, m = cfg.train, cfg.model
     token_width = m.in_channels * math.prod(m.patch_size)
     if token_width > m.dim:
@@ -62,11 +65,11 @@ def build_model(cfg: Config) -> EchoMotionDiT:
             "embedding would squeeze the noise and the flow loss could never get low; use a smaller model.patch_size or a wider model"
         )
     torch.manual_seed(t.seed)
-    if t.init_wan:
+    if t.init_wan and initial_weights:
         model = EchoMotionDiT.from_wan(t.init_wan, config=cfg.model)
     else:
         model = EchoMotionDiT(cfg.model)
-    if t.init_from:
+    if t.init_from and initial_weights:
         src = Path(t.init_from)
         if src.suffix == ".safetensors":
             from .export import load_exported
@@ -131,10 +134,13 @@ class Trainer:
             raise TrainingError("train.precision=bf16 uses CUDA autocast; on CPU use train.precision=fp32")
 
         self.par: ParallelContext = build_parallel(cfg.parallel, cfg.model, env.rank, env.world_size, env.device)
-        self.model = parallelize(build_model(cfg).to(env.device), self.par, cfg, env.device)
+        self.ckpt = CheckpointManager(self.run_dir, t.keep_last, env.rank)
+        resume_from = self._resume_path()
+        self.model = parallelize(build_model(cfg, initial_weights=resume_from is None).to(env.device), self.par, cfg,
+                                 env.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, t))
+        self.scheduler = self._schedule(step=0)
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if t.ema_decay > 0 else None
         self.engine = None  # DeepSpeed's engine under parallel.engine=deepspeed: it owns backward, step and checkpoints
         self.state: StateIO = DCPState(self.model, self.optimizer, self.ema)
@@ -143,15 +149,18 @@ class Trainer:
 
             self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg)
             self.state = deepspeed_engine.DeepSpeedState(self.engine)
-        self.ckpt = CheckpointManager(self.run_dir, t.keep_last, env.rank)
         self.null_text = load_null_text(cfg).to(env.device)
         self.dataset, self.loader = build_dataloader(
             cfg, rank=env.rank, world_size=env.world_size, replication=self.par.layout.replication,
             cache_dir=self.run_dir / "data_cache",
         )
         self.step, self.skipped, self.nan_streak, self.restarts = 0, 0, 0, 0
-        self._resume()
-        self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step)
+        if resume_from is not None:
+            self._resume(resume_from)
+        archive = superseded_dir(self.run_dir, self.step)
+        if env.is_main:
+            self._supersede_newer(archive)
+        self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step, archive=archive)
         self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
         if self.exporter and self.restarts:
             self.exporter.restarts.inc(self.restarts)
@@ -159,35 +168,57 @@ class Trainer:
         self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _resume(self) -> None:
+    def _resume_path(self) -> Optional[Path]:
         mode = self.cfg.train.resume
-        path = None if mode == "never" else (self.ckpt.latest() if mode == "auto" else Path(mode))
-        if path is None:
-            return
-        meta, extra = self.ckpt.load(path, self.state)
+        if mode == "never":
+            return None
+        return self.ckpt.latest() if mode == "auto" else Path(mode)  # a folder: checked complete by config validation
+
+    def _resume(self, path: Path) -> None:
+        meta = read_meta(path)
+        if self.ema is not None and not meta.get("has_ema"):
+            raise TrainingError(
+                f"{path} holds no EMA weights (it was trained with train.ema_decay=0), so train.ema_decay="
+                f"{self.cfg.train.ema_decay} cannot resume it: keep ema_decay=0 here, or start a new run_dir with "
+                f"train.init_from={path} (EMA then starts from those weights)"
+            )
+        _, extra = self.ckpt.load(path, self.state)
         self.step = meta["step"]
+        self.skipped, self.nan_streak = meta["skipped"], meta["nan_streak"]
         if extra is not None and meta.get("layout") == dataclasses.asdict(self.par.layout):
-            self.scheduler.load_state_dict(extra["scheduler"])
             self.loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"])
-            self.skipped, self.nan_streak = extra["skipped"], extra["nan_streak"]
-        else:  # written by a different layout: rebuild what is not per-rank
-            self.scheduler.last_epoch = self.step
+        else:  # written by a different layout: the loader state is global, the RNG states start afresh
             self.loader.load_state_dict(meta["loader"])
+        self.scheduler = self._schedule(self.step, saved=meta["config"]["train"])
         self.restarts = meta.get("restarts", 0) + 1
         if self.env.is_main:
             print(f"[echomotion] resumed from {path} at step {self.step}", flush=True)
 
+    def _schedule(self, step: int, saved: Optional[dict[str, Any]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+        """The learning-rate schedule continuing after `step`. The config owns the optimizer's hyper-parameters: after a
+        resume, lr, weight decay and betas come from it, not from the optimizer state in the checkpoint, so lowering
+        train.lr (the remedy for a NaN streak) takes effect; `saved` (the checkpoint's train config) is only reported."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas))
+        changed = {k: (saved[k], getattr(t, k)) for k in ("lr", "weight_decay", "adam_betas")
+                   if saved is not None and list(np.atleast_1d(saved[k])) != list(np.atleast_1d(getattr(t, k)))}
+        if changed and self.env.is_main:
+            print("[echomotion] continuing with " + ", ".join(f"train.{k}={new} (the checkpoint had {old})"
+                                                             for k, (old, new) in changed.items()), flush=True)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s + 1, t), last_epoch=step - 1)
+
+    def _supersede_newer(self, archive: Path) -> None:
+        moved = self.ckpt.supersede_after(self.step, archive)
+        if moved:
+            print(f"[echomotion] this run continues from step {self.step}: moved the newer checkpoints "
+                  f"{', '.join(p.name for p in moved)} to {archive}", flush=True)
+
     def save(self) -> None:
         t0 = time.time()
         loader_state = self.loader.state_dict()
-        extra = {
-            "scheduler": self.scheduler.state_dict(),
-            "loader": loader_state,
-            "rng": rng_state(),
-            "skipped": self.skipped,
-            "nan_streak": self.nan_streak,
-        }
+        extra = {"loader": loader_state, "rng": rng_state()}
         from omegaconf import OmegaConf
 
         meta = {
@@ -197,6 +228,8 @@ class Trainer:
             "loader": loader_state,
             "has_ema": self.ema is not None,
             "restarts": self.restarts,
+            "skipped": self.skipped,
+            "nan_streak": self.nan_streak,
         }
         self.ckpt.save(self.step, self.state, extra, meta)
         if self.exporter:
@@ -263,6 +296,7 @@ class Trainer:
     def train_step(self, batches) -> dict[str, Any]:
         t, env = self.cfg.train, self.env
         t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses; the scheduler moves it at the end
         every = t.count_collectives_every
         counter = CommCounter(enabled=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         with counter:
@@ -299,7 +333,7 @@ class Trainer:
             "loss": loss,
             **self._mean_logs(acc["logs"]),
             "grad_norm": grad_norm,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "samples_per_s": acc["samples"] * dp / step_time,
             "tokens_per_s": acc["tokens"] * dp / step_time,
             "step_time": step_time,

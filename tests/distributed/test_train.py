@@ -3,6 +3,7 @@ SIGTERM, NaN skipping, export."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -207,3 +208,98 @@ def test_a_patch_embedding_narrower_than_a_token_is_refused() -> None:
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.patch_size=[1,2,2]"])  # 48 x 4 = 192 values into 64 dims
     with pytest.raises(RuntimeError, match="192 values but model.dim is 64"):
         build_model(cfg)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in CheckpointManager(run_dir, 0, 0).complete()]
+
+
+def test_rolling_back_to_an_older_checkpoint_moves_the_newer_ones_aside(humove: Path, tmp_path: Path) -> None:
+    """train.resume=<older folder> continues that timeline: the newer checkpoints and metrics lines are archived (not
+    deleted, not collided with, not picked by the next resume=auto), and the steps after the rollback point repeat the
+    first run's losses exactly."""
+    common = ("train.phase=1", "train.warmup_steps=3")
+    in_process_trainer(humove, tmp_path, *common, "train.steps=6", "train.checkpoint_every=2", "train.keep_last=0").run()
+    first = losses(tmp_path)
+    back = tmp_path / "checkpoints/step-00000002"
+    rolled = in_process_trainer(humove, tmp_path, *common, "train.steps=5", "train.checkpoint_every=3", "train.keep_last=2",
+                                f"train.resume={back}")
+    assert rolled.step == 2
+    [archive] = list((tmp_path / "superseded").iterdir())
+    assert sorted(p.name for p in archive.iterdir()) == ["metrics.jsonl", "step-00000004", "step-00000006"]
+    assert all((archive / s / "meta.json").exists() for s in ("step-00000004", "step-00000006"))
+    assert [json.loads(ln)["step"] for ln in (archive / "metrics.jsonl").read_text().splitlines()] == [3, 4, 5, 6]
+    rolled.run()
+    assert checkpoint_steps(tmp_path) == [3, 5]  # keep_last 2 of this timeline; step 2 rotated out
+    assert losses(tmp_path) == {s: first[s] for s in range(1, 6)}
+    assert in_process_trainer(humove, tmp_path, *common, "train.steps=8").step == 5
+
+
+def test_resume_never_in_a_used_run_dir_keeps_the_old_run(humove: Path, tmp_path: Path) -> None:
+    in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=2", "train.checkpoint_every=2").run()
+    fresh = in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=2", "train.checkpoint_every=2",
+                               "train.resume=never")
+    assert fresh.step == 0 and not losses(tmp_path)
+    [archive] = list((tmp_path / "superseded").iterdir())
+    assert (archive / "step-00000002/meta.json").exists()
+    assert len((archive / "metrics.jsonl").read_text().splitlines()) == 2
+    fresh.run()  # saves step 2 again: no collision with the archived one
+    assert checkpoint_steps(tmp_path) == [2] and sorted(losses(tmp_path)) == [1, 2]
+
+
+def test_lr_comes_from_the_config_on_resume_and_the_log_shows_the_applied_lr(humove: Path, tmp_path: Path) -> None:
+    """Warmup over 10 steps: step s runs at lr * s / 10 (brute-force schedule). A resume with a lower train.lr continues
+    the schedule with the new value; the logged lr is the one the step's update used."""
+    run = ("train.phase=1", "train.warmup_steps=10", "train.checkpoint_every=2")
+    trainer = in_process_trainer(humove, tmp_path, *run, "train.lr=1e-3", "train.steps=2")
+    trainer.run()
+    resumed = in_process_trainer(humove, tmp_path, *run, "train.lr=1e-5", "train.steps=4")
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * 3 / 10)
+    resumed.run()
+    logged = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    expected = {1: 1e-3 * 0.1, 2: 1e-3 * 0.2, 3: 1e-5 * 0.3, 4: 1e-5 * 0.4}
+    assert logged == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_new_layout_keeps_the_skipped_step_counters(humove: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ECHOMOTION_FAULT_NAN_STEPS", "2,3")
+    in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=3", "train.checkpoint_every=3").run()
+    ckpt = tmp_path / "checkpoints/step-00000003"
+    (ckpt / "extra-rank00000.pt").unlink()  # what a rank of another world size finds: no per-rank state of its own
+    resumed = in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=4")
+    assert (resumed.skipped, resumed.nan_streak) == (2, 2)
+
+
+def test_a_torn_metrics_line_does_not_block_the_resume(humove: Path, tmp_path: Path) -> None:
+    in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=2", "train.checkpoint_every=2").run()
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "loss": 0.12')  # a crash mid-write
+    assert sorted(losses(tmp_path)) == [1, 2]
+    in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=3").run()
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    [archive] = list((tmp_path / "superseded").iterdir())
+    assert (archive / "metrics.jsonl").read_text() == '{"step": 3, "loss": 0.12\n'
+
+
+def test_a_resumed_phase2_run_no_longer_needs_its_init_from(humove: Path, tmp_path: Path) -> None:
+    p1 = tmp_path / "p1"
+    in_process_trainer(humove, p1, "train.phase=1", "train.steps=1", "train.checkpoint_every=1").run()
+    src = tmp_path / "phase1-step1"
+    (p1 / "checkpoints/step-00000001").rename(src)
+    p2 = ("train.phase=2", "train.checkpoint_every=1", f"train.init_from={src}")
+    in_process_trainer(humove, tmp_path / "p2", *p2, "train.steps=1").run()
+    shutil.rmtree(src)  # rotated away by the Phase 1 run's keep_last, say
+    assert in_process_trainer(humove, tmp_path / "p2", *p2, "train.steps=2").step == 1
+    with pytest.raises(RuntimeError, match="neither an exported .safetensors nor a complete checkpoint"):
+        in_process_trainer(humove, tmp_path / "p2-fresh", *p2, "train.steps=1")
+
+
+def test_resume_refusals_name_the_fix(humove: Path, tmp_path: Path) -> None:
+    in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=1", "train.checkpoint_every=1").run()
+    with pytest.raises(RuntimeError, match="holds no EMA weights .* train.init_from="):
+        in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=2", "train.ema_decay=0.9")
+    partial = tmp_path / "checkpoints/step-00000001.partial"
+    shutil.copytree(tmp_path / "checkpoints/step-00000001", partial)
+    (partial / "meta.json").unlink()  # what a kill mid-save leaves
+    with pytest.raises(ValueError, match=r"train.resume=.*step-00000001.partial.* nor a complete checkpoint folder"):
+        in_process_trainer(humove, tmp_path, "train.phase=1", f"train.resume={partial}")
