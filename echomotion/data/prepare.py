@@ -338,10 +338,19 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def _settings(args: argparse.Namespace, codec, tenc) -> dict[str, Any]:
-    """What every sample of one output folder must share."""
+    """What every sample of one output folder must share. The SMPL model is pinned by content, not path: joints of two
+    body models must not mix, and a copy of the same file elsewhere is still the same model."""
     return {"schema_version": SCHEMA_VERSION, "fps": args.fps, "num_frames": args.frames, "height": args.height,
             "width": args.width, "video_codec": codec.describe(), "text_encoder": tenc.describe(),
-            "latent_dtype": args.latent_dtype}
+            "latent_dtype": args.latent_dtype, "smpl_model_sha1": _file_sha1(args.smpl_model)}
+
+
+def _file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_settings(output: _Output, old: Optional[dict[str, Any]], settings: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from echomotion.data import prepare
 from echomotion.data.encoders import HashTextEncoder, PixelCodec, WanVAECodec
 from echomotion.data.shards import compute_motion_stats, iter_samples
 from echomotion.data.synthetic import generate_humove_mini
-from echomotion.motion import MotionStats, SMPLLayer
+from echomotion.motion import MotionStats, SMPLLayer, write_synthetic_smpl_model
 from tests.s3_server import free_port, s3_client
 from tests.tiny_encoders import tiny_vae
 
@@ -181,6 +181,11 @@ def test_changed_settings_refuse_to_resume(messy, tmp_path, raw):
     prepare.main(_args(raw, out, manifest=messy / "manifest.jsonl"))
     with pytest.raises(SystemExit, match="other settings"):
         prepare.main(_args(raw, out, "--fps", "8", manifest=messy / "manifest.jsonl"))
+    other = write_synthetic_smpl_model(tmp_path / "other_smpl.pkl", seed=1)  # another body model: other joints
+    with pytest.raises(SystemExit, match="other settings.*smpl_model_sha1"):
+        prepare.main([*_args(raw, out, manifest=messy / "manifest.jsonl"), "--smpl-model", str(other)])
+    copy = shutil.copy(raw / "smpl_synthetic.pkl", tmp_path / "same_smpl.pkl")  # the same model elsewhere resumes
+    assert prepare.main([*_args(raw, out, manifest=messy / "manifest.jsonl"), "--smpl-model", str(copy)])["encoded"] == 0
 
 
 def test_resume_after_a_crash_redoes_only_unfinished_clips(raw, tmp_path):
