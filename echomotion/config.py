@@ -115,7 +115,7 @@ class DataConfig:
     retry_base_delay: float = 1.0  # seconds before the first retry; doubles each time
     retry_max_delay: float = 30.0
     download_timeout: float = 120.0  # seconds one shard download may take
-    validate_hash: Optional[str] = None  # e.g. "xxh3_64": check each shard against index.json (writer must store hashes)
+    validate_hash: Optional[str] = None  # e.g. "sha1": every shard (remote or local) vs index.json's hash, once a run
     text_len: Optional[int] = None  # text tokens per sample after padding/truncation; None = model.text_len
     sp_multiple: int = 1  # pad motion so its token count (frames x 51) is a multiple of this (the sequence-parallel size)
     null_text_path: Optional[str] = None  # the empty prompt's embedding [L, text_dim]; None = <path>/null_text.pt

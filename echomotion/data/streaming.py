@@ -9,13 +9,20 @@ Why it is built this way:
   would instead have to be saved in the resume state, and it lives inside DataLoader worker processes where the trainer
   cannot see it. Per-stream batching also keeps all ranks on the same stream at each step (the same task, video or not).
 - Object stores fail transiently: each file download is retried with exponential backoff, then stops with an error naming the
-  file, the endpoint and what to check. A shard whose size, hash or content is wrong stops with an error naming the shard.
+  file, the endpoint and what to check. A shard whose size or hash is wrong, or that holds a sample that cannot be decoded,
+  stops with an error naming the shard. A cached shard failing the size or hash check is deleted too, since streaming
+  trusts any shard file it finds in the cache.
+- A remote stream's cache folder is named after its URL, and is cleared when the remote index.json differs from the cached
+  one, since streaming reads a cached index.json instead of the remote one (a new data.path or a rewritten dataset would
+  otherwise train on the old shards).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,10 +32,13 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.constant import TICK
 from streaming.base.dataset import _ShardState
-from streaming.base.hashing import get_hashes
+from streaming.base.format import get_index_basename
+from streaming.base.hashing import get_hash, get_hashes
 from streaming.base.storage import CloudDownloader
 from streaming.base.util import clean_stale_shared_memory
+from streaming.base.world import World
 
 from ..config import Config, DataConfig
 from ..motion.smpl import MOTION_FEATURE_DIM, MOTION_TOKENS_PER_FRAME, MotionStats, SMPLMotion
@@ -156,7 +166,8 @@ def _fetch_message(remote: str, err: BaseException, retries: int) -> str:
 
 
 class RetryingStream(Stream):
-    """A Stream whose downloads retry transient failures with backoff and whose shards are checked after download."""
+    """A Stream whose downloads retry transient failures with backoff, whose cache follows the remote index.json, and whose
+    shards are checked on first use: after download, and for a stream read in place, against index.json's hashes too."""
 
     def __init__(self, *, retry_base_delay: float, retry_max_delay: float, **kwargs: Any):
         super().__init__(**kwargs)
@@ -181,25 +192,121 @@ class RetryingStream(Stream):
         )
         return local
 
+    def get_shards(self, world: World, allow_unsafe_types: bool) -> list[Any]:
+        if self.remote is not None:
+            self._sync_index(world)
+        return super().get_shards(world, allow_unsafe_types)
+
+    def _sync_index(self, world: World) -> None:
+        """Make the cached index.json the remote one: the node's leader clears the cache when they differ (the dataset was
+        rewritten), the other ranks wait until the cache holds the index they fetched themselves."""
+        basename = get_index_basename()
+        cached = os.path.join(self.local, self.split, basename)
+        with tempfile.TemporaryDirectory(prefix="echomotion-index-") as tmp:
+            download(
+                self._downloader,
+                os.path.join(self.remote, self.split, basename),  # type: ignore[arg-type]
+                os.path.join(tmp, basename),
+                timeout=self.download_timeout,
+                retries=self.download_retry,
+                base_delay=self.retry_base_delay,
+                max_delay=self.retry_max_delay,
+            )
+            remote_index = Path(tmp, basename).read_bytes()
+        current = _read_or_none(cached)
+        if world.is_local_leader:
+            if current is not None and current != remote_index:
+                log.warning("%s/index.json changed since it was cached: clearing the cache %s", self.remote, self.local)
+                shutil.rmtree(self.local)
+            if current != remote_index:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                Path(f"{cached}.{os.getpid()}.tmp").write_bytes(remote_index)
+                os.replace(f"{cached}.{os.getpid()}.tmp", cached)  # atomic: the other ranks never read half an index
+            return
+        deadline = time.time() + self.download_timeout
+        while current != remote_index:
+            if time.time() > deadline:
+                raise DataError(
+                    f"{cached} still differs from {self.remote}/index.json after {self.download_timeout:.0f} s: the node's "
+                    "first rank did not update it (see its log), or the dataset was rewritten while this job started. "
+                    "Restart once the dataset is complete, or raise data.download_timeout."
+                )
+            time.sleep(TICK)
+            current = _read_or_none(cached)
+
+    def set_up_local(self, shards: list[Any], cache_usage_per_shard: Any) -> None:
+        super().set_up_local(shards, cache_usage_per_shard)
+        if self.remote is None and self.validate_hash:
+            cache_usage_per_shard[:] = 0  # "not present": each shard then passes prepare_shard's hash check once per run
+
     def prepare_shard(self, shard: Any) -> int:
         names = ", ".join(raw.basename for raw, _ in shard.file_pairs)
+        where = self.remote or self.local
+        if self.validate_hash:
+            self._check_hash_listed(shard)
         try:
             delta = super().prepare_shard(shard)
         except DataError:
             raise
         except Exception as e:  # checksum failure, undecompressable zip
-            raise ShardCorruptError(f"shard {names} of {self.remote or self.local} is corrupt: {e}") from e
+            self._drop_cached(shard)
+            raise ShardCorruptError(f"shard {names} of {where} is corrupt: {e}. {self._remedy()}") from e
         for raw, _ in shard.file_pairs:
             path = os.path.join(self.local, self.split, raw.basename)
             size = os.path.getsize(path)
             if size != raw.bytes:
-                os.remove(path)  # so that a rerun with the same cache downloads it again
+                self._drop_cached(shard)
                 raise ShardCorruptError(
-                    f"shard {raw.basename} of {self.remote or self.local} has {size} bytes but index.json says "
-                    f"{raw.bytes}: the object is truncated or was rewritten after the index. Re-upload the shard (or "
-                    "rewrite the dataset) and make sure uploads finish before training starts."
+                    f"shard {raw.basename} of {where} has {size} bytes but index.json says {raw.bytes}: the object is "
+                    f"truncated or was rewritten after the index. {self._remedy()}"
                 )
+            if self.remote is None and self.validate_hash:  # streaming only checks hashes after a download
+                with open(path, "rb") as f:
+                    if get_hash(self.validate_hash, f.read()) != raw.hashes[self.validate_hash]:
+                        raise ShardCorruptError(
+                            f"shard {raw.basename} of {where} fails its {self.validate_hash} check against index.json: "
+                            f"it changed after the index was written. {self._remedy()}"
+                        )
         return delta
+
+    def _check_hash_listed(self, shard: Any) -> None:
+        """streaming can only check hashes that the writer stored; a missing one is a setting to fix, not a corrupt shard."""
+        for raw, zip_info in shard.file_pairs:
+            for info in (raw, zip_info):
+                if info is not None and self.validate_hash not in info.hashes:
+                    raise DataError(
+                        f"data.validate_hash={self.validate_hash!r}, but index.json of {self.remote or self.local} lists "
+                        f"{', '.join(sorted(info.hashes)) or 'no'} hashes for {info.basename}: set data.validate_hash to one "
+                        "of those (or null), or rewrite the dataset with that hash"
+                    )
+
+    def _drop_cached(self, shard: Any) -> None:
+        """Delete a bad shard's cached files (raw and zip), so that a rerun with the same cache downloads it again instead
+        of trusting it; a stream read in place keeps its files, which are the dataset itself."""
+        if self.remote is None:
+            return
+        for pair in shard.file_pairs:
+            for info in pair:
+                if info is not None:
+                    path = os.path.join(self.local, self.split, info.basename)
+                    if os.path.exists(path):
+                        os.remove(path)
+
+    def _remedy(self) -> str:
+        """What to do about a bad shard: a cached copy is gone, a stream read in place needs its files rewritten."""
+        if self.remote is None:
+            return "Rewrite the dataset (or restore the shard from a good copy)."
+        return (
+            "Its cached copy was deleted; re-upload the shard (or rewrite the dataset) and make sure uploads finish "
+            "before training starts."
+        )
+
+
+def _read_or_none(path: str) -> Optional[bytes]:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
@@ -474,6 +581,12 @@ def _check_world(rank: int, world_size: int, replication: int) -> None:
         raise DataError(f"replication {replication} must be >= 1 and divide the world size {world_size}")
 
 
+def _cache_folder(cache: str, name: str, remote: str) -> str:
+    """One cache folder per dataset URL: a stream cached under its name alone would keep the old data's index and shards
+    when data.path changes."""
+    return os.path.join(cache, f"{name}-{hashlib.sha1(remote.rstrip('/').encode()).hexdigest()[:12]}")
+
+
 _shm_cleaned = False
 
 
@@ -521,8 +634,8 @@ def build_dataloader(
     weights = d.proportions or [None, None]
     streams = [
         RetryingStream(
-            remote=p if remote[name] else None,  # remote streams are cached per stream; local ones are read in place
-            local=os.path.join(cache, name) if remote[name] else p,  # type: ignore[arg-type]
+            remote=p if remote[name] else None,  # remote streams are cached per URL; local ones are read in place
+            local=_cache_folder(cache, name, p) if remote[name] else p,  # type: ignore[arg-type]
             proportion=w,
             download_retry=d.download_retry,
             download_timeout=d.download_timeout,

@@ -189,8 +189,43 @@ def test_corrupt_shard_fails_its_hash_and_names_the_shard(
     data[-100:] = bytes(100)  # same size, different bytes: only the hash can tell
     s3_client(s3_server.endpoint).put_object(Bucket="unit", Key="flipped/shard.00001.mds", Body=bytes(data))
     cfg = config("s3://unit/flipped", f"data.cache_dir={tmp_path}", "data.validate_hash=xxh3_64", "data.shuffle=false")
-    with pytest.raises(ShardCorruptError, match=r"shard\.00001\.mds.*Checksum failure"):
-        read_all(cfg)
+    for run in ("first", "rerun with the same cache"):  # streaming trusts any cached shard: the bad one must be gone
+        with pytest.raises(ShardCorruptError, match=r"shard\.00001\.mds.*Checksum failure.*cached copy was deleted"):
+            read_all(cfg)
+        assert not list(tmp_path.glob("*/shard.00001.mds")), run
+
+
+def test_local_shards_read_in_place_are_checked_against_their_hashes(shards: tuple[Path, list], tmp_path: Path) -> None:
+    root, samples = shards
+    assert len(read_all(config(str(root), "data.validate_hash=xxh3_64", "data.num_workers=1"))) == len(samples) // 4
+    with pytest.raises(DataError, match=r"validate_hash='sha1'.*lists xxh3_64 hashes for shard\.\d+\.mds"):
+        read_all(config(str(root), "data.validate_hash=sha1"))
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    data = bytearray((copy / "shard.00001.mds").read_bytes())
+    data[-100:] = bytes(100)  # same size, different bytes
+    (copy / "shard.00001.mds").write_bytes(bytes(data))
+    with pytest.raises(ShardCorruptError, match=r"shard\.00001\.mds .*fails its xxh3_64 check"):
+        read_all(config(str(copy), "data.validate_hash=xxh3_64", "data.shuffle=false"))
+    assert (copy / "shard.00001.mds").read_bytes() == bytes(data)  # the dataset's own file is left alone
+
+
+def test_cache_follows_the_remote_path_and_its_rewrites(s3_server: S3Server, tmp_path: Path) -> None:
+    """streaming reads a cached index.json instead of the remote one: a cache reused across data.path values, or kept while
+    the dataset at one path is rewritten, must not serve the old shards."""
+    for name in ("a", "b"):
+        write_tiny_shards(tmp_path / name, 8, prefix=name)
+        s3_server.upload(tmp_path / name, f"s3://unit/cache-{name}")
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+
+    def clips(path: str) -> set[str]:
+        return {c for b in read_all(config(path, cache)) for c in b.clip_ids}
+
+    assert {c[0] for c in clips("s3://unit/cache-a")} == {"a"}
+    assert {c[0] for c in clips("s3://unit/cache-b")} == {"b"}
+    write_tiny_shards(tmp_path / "a2", 6, prefix="z")  # the dataset at cache-a rewritten in place
+    s3_server.upload(tmp_path / "a2", "s3://unit/cache-a")
+    assert {c[0] for c in clips("s3://unit/cache-a")} == {"z"}
 
 
 def test_truncated_local_shard_read_in_place_names_the_shard(shards: tuple[Path, list], tmp_path: Path) -> None:
@@ -269,7 +304,7 @@ def test_cache_limit_evicts_and_still_reads_everything(
     limit = f"{5 * shard_bytes}b"  # streaming needs at least 4 shards of room; the dataset has 6
     batches = read_all(config("s3://unit/limited", f"data.cache_dir={tmp_path}", f"data.cache_limit={limit}"))
     assert sorted(c for b in batches for c in b.clip_ids) == sorted(s.clip_id for s in samples)
-    assert sum(f.stat().st_size for f in (tmp_path / "main").glob("shard.*")) <= 5 * shard_bytes
+    assert sum(f.stat().st_size for f in tmp_path.glob("main-*/shard.*")) <= 5 * shard_bytes
 
 
 def test_proportions_mix_streams_per_batch(shards: tuple[Path, list], tmp_path: Path) -> None:
