@@ -379,20 +379,18 @@ class Trainer:
         return flops * samples_per_s / (self.peak * self.env.world_size)
 
     def _mean_logs(self, logs: dict[str, list[float]]) -> dict[str, float]:
-        """Per-task / per-modality losses averaged over micro-batches and over the ranks that saw that task."""
-        keys = sorted(k for k in logs if k.startswith("loss/"))
-        local = {k: sum(v) / len(v) for k, v in logs.items() if k in keys}
-        if self.env.world_size == 1:
-            return local
-        import torch.distributed as dist
+        """Per-task / per-modality losses of the step: the mean over every generated element of that kind, whichever
+        micro-batches and ranks they fell on (each micro-batch mean weighted by its element count)."""
+        local = {k: (sum(m * n for m, n in zip(v, logs["count/" + k[5:]])), sum(logs["count/" + k[5:]]))
+                 for k, v in logs.items() if k.startswith("loss/")}
+        if self.env.world_size > 1:
+            import torch.distributed as dist
 
-        gathered: list[dict[str, float]] = [{} for _ in range(self.env.world_size)]
-        dist.all_gather_object(gathered, local)
-        out: dict[str, float] = {}
-        for k in sorted({k for g in gathered for k in g}):
-            vals = [g[k] for g in gathered if k in g]
-            out[k] = sum(vals) / len(vals)
-        return out
+            gathered: list[dict[str, tuple[float, float]]] = [{} for _ in range(self.env.world_size)]
+            dist.all_gather_object(gathered, local)
+            local = {k: (sum(g[k][0] for g in gathered if k in g), sum(g[k][1] for g in gathered if k in g))
+                     for k in {k for g in gathered for k in g}}
+        return {k: total / count if count > 0 else float("nan") for k, (total, count) in sorted(local.items())}
 
     def _update_ema(self) -> None:
         if self.ema is None:

@@ -217,7 +217,8 @@ def training_loss(
 
     Returns the total loss (video_loss_weight * video MSE + motion_loss_weight * motion MSE, each a mean over the generated
     elements only) and detached float logs of this batch: `loss/video`, `loss/motion`, and `loss/<task>/<modality>` for
-    every task present in the batch (e.g. `loss/m2v/video`).
+    every task present in the batch (e.g. `loss/m2v/video`), each with `count/...`, the number of elements its mean is
+    over, so that means over micro-batches and ranks can be weighted.
 
     `count_over` sums element counts over the data-parallel ranks. With it, each mean divides by the global count, so the
     returned loss is this rank's share of the global batch's loss: the shares sum to exactly what one process computes on
@@ -247,9 +248,10 @@ def training_loss(
     with torch.no_grad():
         for name, (term, weight, _) in terms.items():
             generated_by = [t for t in present if name in GENERATES[t]]
-            if generated_by:
-                values[f"loss/{name}"] = safe_mean(*errors[name]).detach()
-            for t in generated_by:
-                values[f"loss/{t.name.lower()}/{name}"] = safe_mean(*term(weight * (inputs.task == int(t)).to(weight.dtype)))
+            parts = [(name, errors[name])] if generated_by else []
+            parts += [(f"{t.name.lower()}/{name}", term(weight * (inputs.task == int(t)).to(weight.dtype))) for t in generated_by]
+            for key, (total, count) in parts:
+                values[f"loss/{key}"] = safe_mean(total, count).detach()
+                values[f"count/{key}"] = count.to(total.dtype)
     logs = dict(zip(values, torch.stack(list(values.values())).tolist())) if values else {}
     return loss, logs

@@ -123,6 +123,7 @@ def main() -> None:
         record.setdefault("lr", {})[rec["step"]] = rec["lr"]
         record.setdefault("skipped", {})[rec["step"]] = rec["skipped_steps"]
         record["tasks"] |= {k.split("/")[1] for k in rec if k.startswith("loss/") and k.count("/") == 2}
+        record.setdefault("logs", {})[rec["step"]] = {k: v for k, v in rec.items() if k.startswith("loss/")}
         if rec["step"] == 1:
             record["comm"] = {k: v for k, v in rec.items() if k.startswith("comm/")}
         if rec["step"] == args.save_at:

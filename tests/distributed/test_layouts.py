@@ -86,6 +86,8 @@ def assert_same_steps(got: dict, want: dict, steps) -> None:
     for s in steps:
         assert got["loss"][s] == pytest.approx(want["loss"][s], rel=LOSS_RTOL), f"loss at step {s}"
         assert got["grad_norm"][s] == pytest.approx(want["grad_norm"][s], rel=LOSS_RTOL), f"grad norm at step {s}"
+        # per task and modality: the mean over the global batch's elements, however they are split over ranks
+        assert got["logs"][s] == pytest.approx(want["logs"][s], rel=LOSS_RTOL), f"per-task losses at step {s}"
 
 
 def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
