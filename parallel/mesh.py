@@ -74,7 +74,7 @@ def resolve_layout(p: ParallelConfig, world_size: int, model: ModelConfig) -> La
                 "set parallel.dp_shard=-1 to fill the world size, or launch that many processes"
             )
     if model.num_heads % (layout.tp * layout.sp):
-        pairs = [(t, s) for t in divisors(model.num_heads) for s in divisors(model.num_heads // t) if t * s <= world_size]
+        pairs = [(t, s) for t in divisors(model.num_heads) for s in divisors(model.num_heads // t) if world_size % (t * s) == 0]
         raise ConfigError(
             f"model.num_heads={model.num_heads} is not divisible by parallel.tp x parallel.sp = {layout.tp} x {layout.sp}: "
             f"TP splits the heads and Ulysses scatters the rest; valid (tp, sp) on {world_size} processes: "

@@ -42,8 +42,10 @@ Step time = compute + exposed communication, one micro-batch per data-parallel r
   sending (sp - 1) / sp of the local [B, L/sp, heads/tp, head_dim] tensor (q, k in fp32 unless the weights are bf16);
   plus the all-gather before the heads and its reduce-scatter in the backward (fp32). Fully exposed.
 - TP: per expert and layer 3 ring all-reduces of [B, L/sp, dim] forward (self-attention o, cross-attention o, ffn.2),
-  3 backward (inputs of q/k/v, cross q, ffn.0) plus one of the text's [B, L_text, dim] (cross k/v), and the forward
-  ones again when recomputed; the [B, L, 1] RMSNorm reductions are ignored. Fully exposed.
+  5 backward (the input gradient of each column-parallel linear: q, k, v, cross q, ffn.0) plus 2 of the text's
+  [B, L_text, dim] (cross k, cross v), and the forward ones again when recomputed; the [B, L, 1] RMSNorm reductions are
+  ignored. Fully exposed. (Counted on gloo with parallel/comm.py: one tp 2 layer moves 3 + 5 token-sized and 2
+  text-sized all-reduces per step, besides the norms.)
 - A group inside one node moves data at `intra_bw` (NVLink, per direction per GPU), one spanning nodes at `inter_bw`
   (per GPU) for the whole transfer; latency is ignored. Mesh order (dp_replicate, dp_shard, sp, tp), tp innermost: a
   group spans nodes when its stride x size exceeds `gpus_per_node`.
@@ -483,8 +485,8 @@ def step_time(m: ModelConfig, w: Workload, layout: Candidate, hw: Hardware) -> S
         ring = 2 * (tp - 1) / tp / _bandwidth(hw, tp)
         for i, st in enumerate(streams):
             for tokens in st:
-                count = 3 * (3 if i in ckpt else 2)
-                tp_time += ring * (count * b * tokens * d + b * text * d) * a
+                count = 3 + 5 + (3 if i in ckpt else 0)  # forward, backward, recomputed forward
+                tp_time += ring * (count * b * tokens * d + 2 * b * text * d) * a
     return StepTime(compute, fsdp, ulysses, tp_time, exposed)
 
 

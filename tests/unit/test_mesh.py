@@ -28,6 +28,15 @@ def test_twelve_heads_with_sp_eight_names_the_constraint_and_the_choices() -> No
         resolve_layout(parallel(tp=1, sp=8), 16, model_preset("wan2.1-1.3b"))
 
 
+def test_suggested_pairs_divide_the_world_size() -> None:
+    """On 10 processes only tp x sp in {1, 2} fits both the 12 heads and the world (brute force over the divisors)."""
+    with pytest.raises(ConfigError) as e:
+        resolve_layout(parallel(tp=1, sp=5), 10, model_preset("wan2.1-1.3b"))
+    listed = str(e.value).split("valid (tp, sp) on 10 processes: ")[1]
+    want = [(t, s) for t in range(1, 13) for s in range(1, 13) if 12 % (t * s) == 0 and 10 % (t * s) == 0]
+    assert listed == ", ".join(f"({t}, {s})" for t, s in want)
+
+
 def test_world_size_mismatches_are_explained() -> None:
     m = model_preset("tiny")
     with pytest.raises(ConfigError, match=r"needs 8 processes but the job has 4.*dp_shard=-1"):
