@@ -189,6 +189,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    @property
+    def text_len(self) -> int:
+        """The length text embeddings are padded / cut to: data.text_len, else the model's."""
+        return self.data.text_len or self.model.text_len
+
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

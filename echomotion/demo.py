@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from PIL import Image, ImageDraw
 
+from .metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +62,7 @@ def loss_curve_png(runs: list[tuple[str, Path]], path: Path, width: int = 720, h
     series = []
     offset = 0
     for name, run_dir in runs:
-        recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        recs = read_metrics(run_dir)
         pts = [(offset + r["step"], r["loss"]) for r in recs if r.get("loss") is not None and r["loss"] > 0]
         series.append((name, pts))
         offset += max((r["step"] for r in recs), default=0)

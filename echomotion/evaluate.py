@@ -7,8 +7,8 @@ task can be scored against an exact reference:
   forward kinematics through the dataset's SMPL file, vs the ground-truth joints. Root-relative MPJPE: the pelvis is
   subtracted per frame, then the Euclidean joint error is averaged over frames and joints and multiplied by 1000. Lengths
   in HuMoVe-mini are metres, so the value is in millimetres ("mm-equivalent": for other data it is 1000 x its length
-  unit). Baseline `v2m_mpjpe_mean_pose`: the dataset's mean pose (motion_stats mean features, decoded + FK) for every
-  frame. `v2m_mpjpe_tokens` scores the model's directly predicted joint-position tokens instead of FK (a diagnostic: the
+  unit). Baseline `v2m_mpjpe_mean_pose`: the dataset's mean pose for every frame, i.e. the training motion's mean joint
+  positions (`mean_pose_joints`). `v2m_mpjpe_tokens` scores the model's directly predicted joint-position tokens instead of FK (a diagnostic: the
   two should agree when the model is self-consistent). `v2m_mpjpe_depth_unknown` is a reference, not a baseline: the
   ground truth with every joint's depth (camera axis, z) set to the pelvis's, i.e. the score of a reader that gets every
   joint's image position exactly but cannot tell depth. HuMoVe-mini's camera is orthographic, so depth shows only through
@@ -271,6 +271,14 @@ def fk_joints(layer: SMPLLayer, features: Tensor) -> Tensor:
     return layer.joints(m.betas, m.global_orient, m.body_pose, m.transl).float()
 
 
+def mean_pose_joints(stats: MotionStats) -> Tensor:
+    """The dataset's mean pose for MPJPE, [1, 24, 3]: the mean joint positions of the training motion (the joint tokens'
+    mean in motion_stats; root-relative, it is the mean root-relative pose, the best constant guess in squared error).
+    Posing the mean *features* by FK instead would average the 6-D root orientations of every facing into an arbitrary
+    one: a baseline that random features beat."""
+    return SMPLMotion.from_features(stats.mean[None].float()).joints.float()
+
+
 def clip_batches(num_clips: int, batch_size: int) -> list[range]:
     """Consecutive clips, at most `batch_size` per batch, in clip order."""
     return [range(s, min(num_clips, s + batch_size)) for s in range(0, num_clips, batch_size)]
@@ -341,7 +349,7 @@ def score(data: EvalData, gen: Generated, seed: int) -> tuple[dict[str, float], 
     """(metrics, checks, per-clip records): each metric is the mean over clips of its per-clip value."""
     clips = data.clips
     perm = derangement(len(clips), seed)
-    mean_pose = fk_joints(data.layer, data.stats.mean[None].float())  # [1, 24, 3]
+    mean_pose = mean_pose_joints(data.stats)
 
     def decode(latent: Tensor) -> np.ndarray:
         return data.codec.decode(latent[None])[0]
@@ -405,8 +413,7 @@ def evaluate(model: nn.Module, cfg: Config, data_dir: str | Path, settings: Eval
 
     The model is put in eval mode (the sampler needs it).
     """
-    text_len = cfg.data.text_len or cfg.model.text_len
-    data = EvalData.load(data_dir, split, text_len, settings.max_clips, vae_path)
+    data = EvalData.load(data_dir, split, cfg.text_len, settings.max_clips, vae_path)
     first = data.clips[0]
     if first.latent.shape[0] != cfg.model.in_channels:
         raise EvaluationError(f"the data's latents have {first.latent.shape[0]} channels but the model takes "

@@ -145,7 +145,8 @@ class PrometheusExporter:
         self.ckpt_seconds = Gauge("echomotion_checkpoint_save_seconds", "Duration of the last checkpoint save", registry=job)
         self.ckpt_last = Gauge(
             "echomotion_checkpoint_last_success_timestamp_seconds",
-            "Unix time of the last complete checkpoint this process wrote (0 before its first)", registry=job,
+            "Unix time of the run's last complete checkpoint: written by this process, or resumed from (0 before any)",
+            registry=job,
         )
         self.restarts = Counter("echomotion_restarts", "Times this run resumed from a checkpoint", registry=job)
         self.step_time = Histogram(

@@ -119,7 +119,7 @@ def load_null_text(cfg: Config) -> torch.Tensor:
         raise TrainingError("data.path is remote: copy null_text.pt locally and set data.null_text_path")
     if not path.exists():
         raise TrainingError(f"{path} not found: the dataset tools write it; or set data.null_text_path")
-    return pad_text(torch.load(path, weights_only=True), cfg.data.text_len or cfg.model.text_len).float()
+    return pad_text(torch.load(path, weights_only=True), cfg.text_len).float()
 
 
 class Trainer:
@@ -162,8 +162,9 @@ class Trainer:
             self._supersede_newer(archive)
         self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step, archive=archive)
         self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
-        if self.exporter and self.restarts:
+        if self.exporter and resume_from is not None:  # the checkpoint a preemption would fall back to
             self.exporter.restarts.inc(self.restarts)
+            self.exporter.ckpt_last.set(read_meta(resume_from)["saved_at"])
         self.peak = peak_flops_per_device(t.peak_flops)
         self.stop_requested = False
 

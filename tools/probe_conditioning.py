@@ -31,6 +31,7 @@ from echomotion.evaluate import (  # noqa: E402
     clip_batches,
     derangement,
     fk_joints,
+    mean_pose_joints,
     root_relative_mpjpe,
     without_depth,
 )
@@ -71,7 +72,7 @@ def probe(model: nn.Module, data: EvalData, sigmas: list[float], seed: int = 0, 
                 rec = results.setdefault(f"{condition}@{sigma:g}", {"flow_mse": [], "mpjpe": []})
                 rec["flow_mse"] += ((pred - (noise - motion)) ** 2).mean(dim=(1, 2)).tolist()
                 rec["mpjpe"] += [root_relative_mpjpe(fk_joints(data.layer, x0[k]), clips[i].joints) for k, i in enumerate(idx)]
-    mean_pose = fk_joints(data.layer, data.stats.mean[None].float())
+    mean_pose = mean_pose_joints(data.stats)
     return {
         "probe": {k: {m: float(np.mean(v)) for m, v in rec.items()} for k, rec in results.items()},
         "mean_pose_mpjpe": float(np.mean([root_relative_mpjpe(mean_pose, c.joints) for c in clips])),
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args(argv)
     model, cfg = load_exported(a.checkpoint)
-    data = EvalData.load(a.data, a.split, cfg.data.text_len, max_clips=a.max_clips)
+    data = EvalData.load(a.data, a.split, cfg.text_len, max_clips=a.max_clips)
     report = probe(model, data, a.sigmas, a.seed, a.batch_size)
     print(format_table(report))
     if a.out:

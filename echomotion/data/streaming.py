@@ -665,7 +665,7 @@ def build_dataloader(
         batch_size=batch_size,
         num_workers=d.num_workers,
         prefetch_factor=d.prefetch_factor if d.num_workers > 0 else None,
-        collate_fn=Collate(d.text_len or cfg.model.text_len, d.sp_multiple),
+        collate_fn=Collate(cfg.text_len, d.sp_multiple),
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
     )

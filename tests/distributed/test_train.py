@@ -303,3 +303,14 @@ def test_resume_refusals_name_the_fix(humove: Path, tmp_path: Path) -> None:
     (partial / "meta.json").unlink()  # what a kill mid-save leaves
     with pytest.raises(ValueError, match=r"train.resume=.*step-00000001.partial.* nor a complete checkpoint folder"):
         in_process_trainer(humove, tmp_path, "train.phase=1", f"train.resume={partial}")
+
+
+def test_a_resumed_run_reports_the_age_of_the_checkpoint_it_resumed_from(humove: Path, tmp_path: Path) -> None:
+    """What a preemption would lose counts from the resumed checkpoint, so a crash loop that never saves still ages."""
+    in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=1", "train.checkpoint_every=1").run()
+    saved_at = json.loads((tmp_path / "checkpoints/step-00000001/meta.json").read_text())["saved_at"]
+    resumed = in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=2", f"train.metrics_port={free_port()}",
+                                 "train.metrics_addr=127.0.0.1")
+    registry = resumed.exporter.registry
+    assert registry.get_sample_value("echomotion_checkpoint_last_success_timestamp_seconds") == saved_at
+    assert registry.get_sample_value("echomotion_restarts_total") == 1
