@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .cluster import Cluster, LaunchError, backend_env, load_cluster, object_store_note
+from .cluster import LOCAL_RDZV_ENDPOINT, Cluster, LaunchError, backend_env, load_cluster, object_store_note
 from .commands import (
     TrainerCall,
     deepspeed_command,
@@ -59,13 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--accelerator", choices=("gpu", "cpu"), help="NCCL on GPUs or gloo on CPUs")
     common.add_argument("--max-restarts", type=int, help="torchrun worker-group restarts (also the pod backoff limit)")
     common.add_argument("--shutdown-timeout", type=int, help="seconds a worker has after SIGTERM to checkpoint")
-    common.add_argument("--threads-per-proc", type=int, help="OMP_NUM_THREADS (default: cores / processes per node)")
-    common.add_argument("--cpus-per-node", type=int)
+    common.add_argument("--threads-per-proc", type=int,
+                        help="OMP_NUM_THREADS (default: cpus per node / processes per node, counted where the job runs)")
+    common.add_argument("--cpus-per-node", type=int,
+                        help="default: this machine's (torchrun, deepspeed), the allocation's (slurm), --cpus (k8s)")
     common.add_argument("--ifname", help="network interface for NCCL/gloo sockets")
     common.add_argument("overrides", nargs="*", help="trainer overrides, e.g. train.steps=100")
 
     rdzv = argparse.ArgumentParser(add_help=False)
-    rdzv.add_argument("--rdzv-endpoint", help="host:port of the c10d rendezvous (default 127.0.0.1:29400)")
+    rdzv.add_argument("--rdzv-endpoint",
+                      help=f"host:port of the c10d rendezvous, on one of the nodes (default for one node: {LOCAL_RDZV_ENDPOINT})")
+    rdzv.add_argument("--single-host", action="store_true", default=None,
+                      help="every node runs on this machine (a multi-node test): allow a loopback --rdzv-endpoint")
     rdzv.add_argument("--rdzv-id", help="job id shared by all nodes")
     rdzv.add_argument("--min-nodes", type=int, help="elastic: keep going with as few nodes as this")
 
@@ -120,8 +125,8 @@ def _cluster(args: argparse.Namespace, default_accelerator: Callable[[], str]) -
         for k in ("nodes", "nproc_per_node", "accelerator", "max_restarts", "shutdown_timeout", "threads_per_proc",
                   "cpus_per_node", "ifname", "min_nodes")
     }
-    given["rdzv_endpoint"] = getattr(args, "rdzv_endpoint", None)
-    given["rdzv_id"] = getattr(args, "rdzv_id", None)
+    for k in ("rdzv_endpoint", "rdzv_id", "single_host"):  # torchrun only
+        given[k] = getattr(args, k, None)
     defaults = {} if args.accelerator else {"accelerator": default_accelerator()}
     return load_cluster(args.cluster, defaults, **given)
 
@@ -178,11 +183,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         call = TrainerCall(args.config, list(args.overrides))
         if args.target == "torchrun":
-            cluster = _cluster(args, _local_accelerator)
+            cluster = _cluster(args, _local_accelerator).on_this_machine()
             where = f"; run this same command on each of the {cluster.nodes} nodes" if cluster.nodes > 1 else ""
             return _local_launch(args, cluster, call, torchrun_c10d(cluster, call), backend_env(cluster, c10d=True), where)
         if args.target == "deepspeed":
-            cluster = _cluster(args, _local_accelerator)
+            cluster = _cluster(args, _local_accelerator).on_this_machine()
             hosts = deepspeed_hosts(cluster, args.hosts.split(",") if args.hosts else None)
             command = deepspeed_command(call, args.hostfile, hosts, args.node_rank, args.master_port)
             Path(args.hostfile).parent.mkdir(parents=True, exist_ok=True)

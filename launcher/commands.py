@@ -47,7 +47,7 @@ def torchrun_c10d(cluster: Cluster, call: TrainerCall, endpoint: Optional[str] =
         f"--nnodes={cluster.nnodes}",
         f"--nproc_per_node={cluster.nproc_per_node}",
         "--rdzv_backend=c10d",
-        f"--rdzv_endpoint={endpoint or cluster.rdzv_endpoint}",
+        f"--rdzv_endpoint={endpoint or cluster.endpoint()}",
         f"--rdzv_id={rdzv_id or cluster.rdzv_id}",
         f"--max_restarts={cluster.max_restarts}",
         f"--shutdown_timeout={cluster.shutdown_timeout}",
@@ -155,6 +155,10 @@ def slurm_script(
     if cluster.cpus_per_node:
         body.append('export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"  # srun does not inherit --cpus-per-task since Slurm 22.05')
     body.append(shell_exports(env))
+    if cluster.threads() is None:  # counted on the node, not where the script was rendered
+        n = cluster.nproc_per_node
+        body.append(f"export OMP_NUM_THREADS=$(( SLURM_CPUS_ON_NODE / {n} > 1 ? SLURM_CPUS_ON_NODE / {n} : 1 ))"
+                    "  # the allocation's CPUs per node / processes per node")
     body.append('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
     torchrun = torchrun_c10d(cluster, call, endpoint=f"${{head_node}}:{rdzv_port}", rdzv_id="${SLURM_JOB_ID}")
     node_vars = [w for w in torchrun if w.startswith(("--rdzv_endpoint=", "--rdzv_id="))]

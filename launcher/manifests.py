@@ -152,10 +152,14 @@ def _metadata(pod: PodSettings) -> dict[str, Any]:
 
 
 def _prepare(cluster: Cluster, call: TrainerCall, pod: PodSettings) -> tuple[Cluster, TrainerCall, bool]:
-    """Validate everything up front; threads follow the pod's CPU request."""
+    """Validate everything up front; threads follow the pod's CPU request (this machine's cores say nothing about a
+    pod's, so without a request the threads must be given)."""
     pod.validate()
     if pod.cpus and cluster.cpus_per_node is None:
         cluster = replace(cluster, cpus_per_node=pod.cpus)
+    if cluster.threads() is None:
+        raise LaunchError("OMP_NUM_THREADS is unknown: the pod has no CPU request; pass --cpus N (the pod's CPU request; "
+                          "threads = N / processes per node) or --threads-per-proc")
     call = call.with_defaults(trainer_defaults(pod))
     cfg = call.load()
     return cluster, call, str(cfg.data.path or "").startswith("s3://")

@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -65,6 +66,24 @@ def test_deepspeed_hostfile_per_node(capsys: pytest.CaptureFixture[str], tmp_pat
     assert code == 2 and "1 hosts given (gpu-a) but nodes=2" in err
 
 
+def run_sbatch(script: Path, tmp_path: Path, drop: Sequence[str] = (), **slurm_env: str) -> subprocess.CompletedProcess:
+    """Run an sbatch script as Slurm would on the first of nodes gpu-a, gpu-b, with stand-ins for scontrol and srun (srun
+    prints the threads it sees and its arguments, one a line)."""
+    shims = tmp_path / "bin"
+    shims.mkdir(exist_ok=True)
+    (shims / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (shims / "srun").write_text('#!/bin/sh\necho "OMP=$OMP_NUM_THREADS CPUS=$SRUN_CPUS_PER_TASK"\nfor a in "$@"; do echo "$a"; done\n')
+    for f in shims.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_JOB_ID": "4242", **slurm_env}
+    for key in drop:
+        env.pop(key)
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_slurm_script_runs_one_agent_per_node(capsys: pytest.CaptureFixture[str], tmp_path: Path, object_store_env: None) -> None:
     script = tmp_path / "train.sbatch"
     code, _, err = run_cli(
@@ -79,17 +98,7 @@ def test_slurm_script_runs_one_agent_per_node(capsys: pytest.CaptureFixture[str]
     assert SECRET not in text and "ops-test-key-id" not in text
 
     # Run it with stand-ins for scontrol and srun: the rendezvous must land on the first node and the job id.
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    (shims / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
-    (shims / "srun").write_text('#!/bin/sh\necho "OMP=$OMP_NUM_THREADS CPUS=$SRUN_CPUS_PER_TASK"\nfor a in "$@"; do echo "$a"; done\n')
-    for f in shims.iterdir():
-        f.chmod(0o755)
-    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-           "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "96"}
-    env.pop("AWS_SECRET_ACCESS_KEY")
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
+    done = run_sbatch(script, tmp_path, SLURM_CPUS_PER_TASK="96", drop=["AWS_SECRET_ACCESS_KEY"])
     args = done.stdout.splitlines()
     assert args[0] == "OMP=12 CPUS=96"
     assert "--rdzv_endpoint=gpu-a:29400" in args and "--rdzv_id=4242" in args and "--shutdown_timeout=600" in args
@@ -115,3 +124,48 @@ def test_bad_config_fails_before_anything_starts(capsys: pytest.CaptureFixture[s
     assert code == 2 and out == "" and "train.lr must be > 0" in err
     code, _, err = run_cli(capsys, "torchrun", "--config", CONFIG, "--accelerator", "cpu", "--nodes", "2", "--min-nodes", "3")
     assert code == 2 and "min_nodes=3 must be between 1 and nodes=2" in err
+
+
+def test_slurm_threads_are_counted_on_the_node(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --cpus-per-node the script divides the allocation's CPUs ($SLURM_CPUS_ON_NODE) by the processes per node;
+    the rendering machine's core count (2 here) used to be baked in."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    script = tmp_path / "train.sbatch"
+    code, _, err = run_cli(capsys, "slurm", "--config", CONFIG, "--nodes", "2", "--nproc-per-node", "8", "-o", str(script))
+    assert code == 0, err
+    assert "SLURM_CPUS_ON_NODE" in script.read_text() and "--cpus-per-task" not in script.read_text()
+    assert run_sbatch(script, tmp_path, SLURM_CPUS_ON_NODE="64").stdout.splitlines()[0] == "OMP=8 CPUS="
+    assert run_sbatch(script, tmp_path, SLURM_CPUS_ON_NODE="4").stdout.splitlines()[0] == "OMP=1 CPUS="  # never 0
+
+    code, _, err = run_cli(capsys, "slurm", "--config", CONFIG, "--nproc-per-node", "8", "--threads-per-proc", "6",
+                           "-o", str(script))
+    assert code == 0, err
+    assert run_sbatch(script, tmp_path, SLURM_CPUS_ON_NODE="64").stdout.splitlines()[0] == "OMP=6 CPUS="  # the flag wins
+
+
+def test_local_launches_count_this_machines_cores(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    code, out, err = run_cli(capsys, "torchrun", "--config", CONFIG, "--nproc-per-node", "2", "--accelerator", "cpu")
+    assert code == 0, err
+    assert dict(w.split("=", 1) for w in shlex.split(out.splitlines()[-2])[1:])["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.parametrize("endpoint", [None, "127.0.0.1:29400", "localhost:29500", "127.0.1.1:29400", "[::1]:29400"])
+def test_several_nodes_refuse_a_loopback_rendezvous(capsys: pytest.CaptureFixture[str], endpoint: str | None) -> None:
+    """The other nodes cannot reach this machine's loopback address: such a launch would never rendezvous."""
+    given = ["--rdzv-endpoint", endpoint] if endpoint else []
+    code, out, err = run_cli(capsys, "torchrun", "--config", CONFIG, "--nodes", "2", "--nproc-per-node", "2",
+                             "--accelerator", "cpu", *given)
+    assert code == 2 and out == "", out
+    assert err.startswith("launcher: ") and "is a loopback address" in err and "--rdzv-endpoint HOST:PORT" in err
+    assert ("(the default)" in err) == (endpoint is None)
+
+    # Allowed: one node, a reachable address, every "node" on this machine (tests/ops/test_launch.py).
+    for ok in (["--nodes", "1", *given], ["--nodes", "2", "--rdzv-endpoint", "node0:29400"],
+               ["--nodes", "2", "--single-host", "--rdzv-endpoint", endpoint or "127.0.0.1:29400"]):
+        code, out, err = run_cli(capsys, "torchrun", "--config", CONFIG, "--nproc-per-node", "2", "--accelerator", "cpu", *ok)
+        assert code == 0, (ok, err)
+    assert "--rdzv_endpoint=127.0.0.1:29400" in run_cli(capsys, "torchrun", "--config", CONFIG, "--accelerator", "cpu")[1]
+    # Slurm places the rendezvous on the allocation's first node itself.
+    assert run_cli(capsys, "slurm", "--config", CONFIG, "--nodes", "2", "--cpus-per-node", "8")[0] == 0

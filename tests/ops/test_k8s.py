@@ -161,6 +161,21 @@ def test_jobset_contents(manifests: dict[str, dict[str, Any]]) -> None:
         render_jobset(Cluster(nodes=4, min_nodes=2), call(), pod())
 
 
+def test_threads_follow_the_pods_cpu_request(manifests: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """OMP_NUM_THREADS comes from the pod's CPU request (32 / 8 processes), never from the rendering machine's cores;
+    without a request it must be given."""
+    for name in ("pytorchjob-4-nodes", "jobset-4-nodes"):
+        for template in pod_templates(manifests[name]):
+            assert {"name": "OMP_NUM_THREADS", "value": "4"} in template["spec"]["containers"][0]["env"], name
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    no_request = PodSettings(name="em-test", image="registry.example.com/echomotion:test")
+    for render in (render_pytorchjob, render_jobset):
+        with pytest.raises(LaunchError, match="no CPU request; pass --cpus N .* or --threads-per-proc"):
+            render(Cluster(nodes=2, nproc_per_node=8), call(), no_request)
+        for template in pod_templates(render(Cluster(nodes=2, nproc_per_node=8, threads_per_proc=6), call(), no_request)):
+            assert {"name": "OMP_NUM_THREADS", "value": "6"} in template["spec"]["containers"][0]["env"]
+
+
 def test_every_pod_checkpoints_on_sigterm_and_reads_secrets_from_a_secret(manifests: dict[str, dict[str, Any]]) -> None:
     for name, m in manifests.items():
         assert SECRET not in yaml.safe_dump(m), name

@@ -65,7 +65,7 @@ def test_two_nodes_survive_one_killed_and_restarted(humove: Path, tmp_path: Path
     run = tmp_path / "run"
     port = free_port()
     agent = launcher("torchrun", "--run", "--config", CONFIG, "--nodes", "2", "--nproc-per-node", "1", "--accelerator", "cpu",
-                     "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ops-two-nodes", "--max-restarts", "3",
+                     "--single-host", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ops-two-nodes", "--max-restarts", "3",
                      *trainer_overrides(humove, run, "train.steps=14", "train.checkpoint_every=4"))
 
     def node(name: str) -> list[str]:
