@@ -1,11 +1,13 @@
 """Sampling CLI: text -> video + motion, text -> motion, motion -> video, video -> motion, from an exported checkpoint.
 
     python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task t2vm --prompt "a person ..."
-    python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task m2v --clip heldout-00003
+    python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task m2v --clip hm-000005
 
 Each sample gets a folder with `video.mp4` (decoded), `motion.npz` (SMPL), `skeleton.mp4` (the motion rendered),
-`side_by_side.mp4`, and `preview.gif` (the last two side by side, for reports). The dataset folder supplies the codec,
-text encoder, motion statistics and null text the model was trained with (its `dataset.json`).
+`side_by_side.mp4`, `preview.gif` (the last two side by side, for reports) and `caption.txt`. The folder is named after the
+clip id or the prompt (a slug of its first 60 characters); a name already taken in the run (a repeated --clip or prompt,
+or two prompts that start alike) gets `-2`, `-3`, ... The dataset folder supplies the codec, text encoder, motion
+statistics and null text the model was trained with (its `dataset.json`).
 """
 from __future__ import annotations
 
@@ -20,12 +22,17 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+from .cli import user_errors
 from .data.encoders import build_text_encoder, build_video_codec, pad_text
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
 from .diffusion.sampler import GENERATED, TASKS, sample
 from .export import load_exported
 from .motion import MotionStats, SMPLMotion, render_skeleton, side_by_side
+
+
+class UnknownClipError(KeyError):
+    """A requested clip id is not in the split; the message lists some that are."""
 
 
 @dataclass
@@ -71,7 +78,7 @@ class InferenceContext:
             return [found[k] for k in sorted(found)]
         missing = [i for i in ids if i not in found]
         if missing:
-            raise KeyError(f"clip ids {missing} not in {self.data / split}; available e.g. {sorted(found)[:5]}")
+            raise UnknownClipError(f"clip ids {missing} not in {self.data / split}; available e.g. {sorted(found)[:5]}")
         return [found[i] for i in ids]
 
     def check_clip_frames(self, task: str, clips: Sequence[Sample]) -> None:
@@ -111,7 +118,7 @@ class InferenceContext:
             text = self.encode_text(prompts)
             video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_frames=frames,
                                    video_shape=[len(prompts), *latent_shape] if task == "t2vm" else None, **opts)
-            names, captions, given = [_slug(p) for p in prompts], list(prompts), [None] * len(prompts)
+            names, captions, given = _unique([_slug(p) for p in prompts]), list(prompts), [None] * len(prompts)
         else:
             if not clips:
                 raise ValueError(f"task {task} needs input clips (--clip ID)")
@@ -128,7 +135,7 @@ class InferenceContext:
                 video_cond = torch.stack([c.video_latent.float() for c in clips]).to(self.device)
                 video, motion = sample(self.model, task, None, self.null_text, generator=gen, video_cond=video_cond,
                                        motion_frames=frames, **opts)
-            names, captions, given = [c.clip_id for c in clips], [c.caption for c in clips], list(clips)
+            names, captions, given = _unique([c.clip_id for c in clips]), [c.caption for c in clips], list(clips)
         out = []
         for i, name in enumerate(names):
             g = given[i]
@@ -145,6 +152,21 @@ class InferenceContext:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    """Folder names, one per sample: a name seen before gets the first free `-2`, `-3`, ... suffix, so a repeated clip
+    or prompt (another sample of it) or two prompts alike in their first 60 characters never overwrite each other."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique)
+        out.append(unique)
+    return out
 
 
 def skeleton_frames(motion: SMPLMotion, height: int, width: int) -> np.ndarray:
@@ -204,12 +226,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--vae-path")
     p.add_argument("--text-encoder-path")
     a = p.parse_args(argv)
-    ctx = InferenceContext(a.checkpoint, a.data, a.device, a.vae_path, a.text_encoder_path)
-    prompts = list(a.prompt) + ([ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()] if a.prompts else [])
-    overrides = {k: v for k, v in dict(steps=a.steps, shift=a.shift, solver=a.solver, text_guidance=a.text_guidance,
-                                       condition_guidance=a.condition_guidance).items() if v is not None}
-    clips = ctx.clips(a.split, a.clip) if a.task in ("m2v", "v2m") else []
-    for g in ctx.generate(a.task, prompts=prompts, clips=clips, seed=a.seed, overrides=overrides):
+    # ValueError: a missing or unusable input (--prompt, --clip, clip lengths, the checkpoint).
+    with user_errors("sample", ValueError, UnknownClipError, FileNotFoundError):
+        ctx = InferenceContext(a.checkpoint, a.data, a.device, a.vae_path, a.text_encoder_path)
+        prompts = list(a.prompt) + ([ln.strip() for ln in Path(a.prompts).read_text().splitlines() if ln.strip()] if a.prompts else [])
+        overrides = {k: v for k, v in dict(steps=a.steps, shift=a.shift, solver=a.solver, text_guidance=a.text_guidance,
+                                           condition_guidance=a.condition_guidance).items() if v is not None}
+        clips = ctx.clips(a.split, a.clip) if a.task in ("m2v", "v2m") else []
+        generated = ctx.generate(a.task, prompts=prompts, clips=clips, seed=a.seed, overrides=overrides)
+    for g in generated:
         print(f"{a.task}: {write_outputs(g, Path(a.out) / a.task, ctx.fps)}  ({', '.join(GENERATED[a.task])} generated)")
     return 0
 

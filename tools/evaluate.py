@@ -6,7 +6,8 @@ each next to a baseline it must beat (see echomotion/evaluate.py for the definit
         --text-guidance 6 --condition-guidance 2
 
 Sampling settings default to the exported config's `sample` section. Prints a table and writes the JSON report (metrics,
-baselines, better_than_baseline, counts, settings, units, reference checks and per-clip values).
+baselines, better_than_baseline, counts, settings, units, reference checks and per-clip values). A bad flag, split or
+checkpoint prints `evaluate: <what to change>` and exits 2.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from echomotion.cli import user_errors  # noqa: E402
 from echomotion.diffusion.sampler import SOLVERS  # noqa: E402
-from echomotion.evaluate import BASELINES, METRICS, EvalSettings, evaluate  # noqa: E402
-from echomotion.export import load_exported  # noqa: E402
+from echomotion.evaluate import BASELINES, METRICS, EvalSettings, EvaluationError, evaluate  # noqa: E402
+from echomotion.export import ExportError, load_exported  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,13 +63,14 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    model, cfg = load_exported(a.checkpoint, device=a.device)
-    settings = EvalSettings.from_config(
-        cfg.sample, steps=a.steps, shift=a.shift, seed=a.seed, solver=a.solver, text_guidance=a.text_guidance,
-        condition_guidance=a.condition_guidance, batch_size=a.batch_size, max_clips=a.max_clips,
-    )
-    report = evaluate(model, cfg, a.data, settings, split=a.split, device=a.device, checkpoint=str(a.checkpoint),
-                      vae_path=a.vae_path, progress=not a.no_progress)
+    with user_errors("evaluate", EvaluationError, ExportError, FileNotFoundError):
+        model, cfg = load_exported(a.checkpoint, device=a.device)
+        settings = EvalSettings.from_config(
+            cfg.sample, steps=a.steps, shift=a.shift, seed=a.seed, solver=a.solver, text_guidance=a.text_guidance,
+            condition_guidance=a.condition_guidance, batch_size=a.batch_size, max_clips=a.max_clips,
+        )
+        report = evaluate(model, cfg, a.data, settings, split=a.split, device=a.device, checkpoint=str(a.checkpoint),
+                          vae_path=a.vae_path, progress=not a.no_progress)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

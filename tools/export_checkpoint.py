@@ -6,7 +6,9 @@
     python tools/export_checkpoint.py --checkpoint ... --out wan-diffusers/ --wan-layout diffusers      # diffusers folder
 
 The checkpoint may come from any layout (one process, DDP, FSDP2, TP/SP): DCP stores global tensor metadata and reshards
-on load. Sampling loads the merged file on one device (`python -m echomotion.sample --checkpoint FILE ...`).
+on load. Sampling loads the merged file on one device (`python -m echomotion.sample --checkpoint FILE ...`). The config
+goes next to an export as `<stem>.yaml`. --out is checked before the checkpoint is read; a bad flag or folder prints
+`export_checkpoint: <what to change>` and exits 2.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from echomotion.export import DTYPES, export_checkpoint, load_exported  # noqa: E402
-from echomotion.models.wan_io import save_wan  # noqa: E402
+from echomotion.cli import user_errors  # noqa: E402
+from echomotion.export import DTYPES, export_checkpoint, load_checkpoint  # noqa: E402
+from echomotion.models.wan_io import check_wan_path, save_wan  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="write only the video expert, with Wan's original keys or as a diffusers folder")
     a = p.parse_args(argv)
     out = Path(a.out)
-    if a.wan_layout is None:
-        written = export_checkpoint(a.checkpoint, out, a.dtype, a.ema)
-    else:
-        merged = export_checkpoint(a.checkpoint, out.with_name(out.name + ".merged.safetensors"), "fp32", a.ema)
-        model, _ = load_exported(merged)
-        written = save_wan(model, out, layout=a.wan_layout, dtype=DTYPES[a.dtype])
-        merged.unlink()
-        merged.with_suffix(".yaml").unlink(missing_ok=True)
+    # ValueError: the project's refusals (--out, --ema, a DeepSpeed checkpoint); FileNotFoundError: not a step-N folder.
+    with user_errors("export_checkpoint", ValueError, FileNotFoundError):
+        if a.wan_layout is None:
+            written = export_checkpoint(a.checkpoint, out, a.dtype, a.ema)
+        else:
+            check_wan_path(out, a.wan_layout)  # before the slow load
+            model, _, _ = load_checkpoint(a.checkpoint, a.ema)  # straight from the checkpoint: no merged file on disk
+            written = save_wan(model, out, layout=a.wan_layout, dtype=DTYPES[a.dtype])
     print(f"wrote {written}")
     return 0
 

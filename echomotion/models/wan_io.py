@@ -393,29 +393,38 @@ def save_wan(model: nn.Module, path: str | Path, layout: str = "original", dtype
     `diffusers.WanTransformer3DModel.from_pretrained` loads. Files are written to a temporary name and renamed into place,
     so an interrupted save never leaves a truncated file. Returns the written path.
     """
-    path = Path(path)
+    path = check_wan_path(path, layout)
     cfg: ModelConfig = model.config
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in video_state_dict(model).items()}
     if layout == "original":
-        if path.suffix != ".safetensors":
-            raise ValueError(f"save_wan(layout='original') writes one .safetensors file; got {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "pt", METADATA_CONFIG_KEY: json.dumps(_original_config(cfg))}
-        _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
         return path
-    if layout == "diffusers":
+    path.mkdir(parents=True, exist_ok=True)
+    renamed = {original_to_diffusers_key(k): v for k, v in state.items()}
+    # Weights first, config last: a reader that finds the config finds the matching weights.
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(renamed, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(_diffusers_config(cfg), indent=2) + "\n"))
+    return path
+
+
+def check_wan_path(path: str | Path, layout: str) -> Path:
+    """Where `save_wan(layout=...)` may write, checked on its own so a caller can refuse a bad path before slow work."""
+    path = Path(path)
+    if layout == "original":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"Wan's original layout is one .safetensors file; got {path}: give it a .safetensors name")
+    elif layout == "diffusers":
         if path.suffix:
-            raise ValueError(f"save_wan(layout='diffusers') writes a directory; got {path} (drop the suffix)")
-        path.mkdir(parents=True, exist_ok=True)
-        renamed = {original_to_diffusers_key(k): v for k, v in state.items()}
-        # Weights first, config last: a reader that finds the config finds the matching weights.
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(renamed, str(tmp), metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(_diffusers_config(cfg), indent=2) + "\n"))
-        return path
-    raise ValueError(f"unknown layout {layout!r}: choose 'original' or 'diffusers'")
+            raise ValueError(f"the diffusers layout is a directory; got {path}: drop the suffix")
+    else:
+        raise ValueError(f"unknown layout {layout!r}: choose 'original' or 'diffusers'")
+    return path
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary name next to `path`, then rename it into place: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

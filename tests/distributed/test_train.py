@@ -2,6 +2,7 @@
 SIGTERM, NaN skipping, export."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import os
@@ -14,15 +15,17 @@ from typing import Callable, Optional
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
 
 from echomotion.checkpoint import CheckpointManager
-from echomotion.config import load_config
+from echomotion.config import load_config, to_yaml
 from echomotion.data.synthetic import generate_humove_mini
 from echomotion.diffusion.sampler import sample
 from echomotion.distributed import DistEnv
-from echomotion.export import export_checkpoint, load_exported
+from echomotion.export import ExportError, export_checkpoint, load_exported, save_exported
 from echomotion.metrics import read_metrics
-from echomotion.models import is_motion_parameter
+from echomotion.models import EchoMotionDiT, is_motion_parameter
 from echomotion.train import Trainer, build_model
 from tests.distributed.launch import child_env, trainer_overrides
 from tests.s3_server import free_port
@@ -202,6 +205,105 @@ def test_export_round_trip_and_metrics(humove: Path, tmp_path: Path) -> None:
         assert key in rec
     assert any(k.startswith("loss/") and k.count("/") == 2 for k in rec)
     assert json.loads((ckpt / "meta.json").read_text())["step"] == 2
+
+
+@pytest.fixture
+def untrained_checkpoint(tmp_path: Path) -> Path:
+    """A step-N folder of an untrained one-layer model, laid out like the trainer's DCP save (no training needed)."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_layers=1", "model.dim=32", "model.ffn_dim=64"])
+    torch.manual_seed(0)
+    ckpt = tmp_path / "run/checkpoints/step-00000003"
+    dcp.save({"model": EchoMotionDiT(cfg.model).state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "config": yaml.safe_load(to_yaml(cfg)), "has_ema": False}))
+    return ckpt
+
+
+def export_tool():
+    """tools/export_checkpoint.py (a script, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("tool_export_checkpoint", ROOT / "tools/export_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_export_tool_refusals_are_one_line_and_exit_2(untrained_checkpoint: Path, tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export_checkpoint: <message>` and exit 2 instead of a traceback; a bad --out is refused before the checkpoint is
+    read (for --wan-layout it used to be checked only after the full merge)."""
+    tool, out, ckpt = export_tool(), tmp_path / "out", str(untrained_checkpoint)
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as exited:
+            tool.main(list(args))
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("export_checkpoint: ") and err.count("\n") == 1, err
+        return err
+
+    assert "run is not a complete checkpoint (no meta.json): pass a step-N folder" in refused(
+        "--checkpoint", str(tmp_path / "run"), "--out", str(out / "m.safetensors"))
+    assert "holds no EMA weights (train.ema_decay was 0); export without --ema" in refused(
+        "--checkpoint", ckpt, "--ema", "--out", str(out / "m.safetensors"))
+
+    def never(*args: object) -> None:
+        pytest.fail("the checkpoint was read before --out was checked")
+
+    monkeypatch.setattr("echomotion.export.load_checkpoint", never)
+    monkeypatch.setattr(tool, "load_checkpoint", never)
+    for name, layout, message in (
+        ("model.yaml", [], "an export is one .safetensors file"),
+        ("model", [], "an export is one .safetensors file"),
+        ("wan.bin", ["--wan-layout", "original"], "original layout is one .safetensors file"),
+        ("wan.safetensors", ["--wan-layout", "diffusers"], "the diffusers layout is a directory"),
+    ):
+        assert message in refused("--checkpoint", ckpt, "--out", str(out / name), *layout)
+    assert not out.exists()
+
+
+def test_wan_layout_export_leaves_nothing_behind(untrained_checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The video expert goes straight from the checkpoint to the Wan layout: no `<out>.merged.safetensors` (+ .yaml,
+    30 GB for the 5B) next to it, also when writing fails."""
+    tool, out = export_tool(), tmp_path / "out"
+    assert tool.main(["--checkpoint", str(untrained_checkpoint), "--out", str(out / "wan.safetensors"), "--wan-layout", "original"]) == 0
+    assert tool.main(["--checkpoint", str(untrained_checkpoint), "--out", str(out / "wan-diffusers"), "--wan-layout", "diffusers"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["wan-diffusers", "wan.safetensors"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(tool, "save_wan", disk_full)
+    with pytest.raises(OSError, match="no space left"):
+        tool.main(["--checkpoint", str(untrained_checkpoint), "--out", str(out / "again.safetensors"), "--wan-layout", "original"])
+    assert sorted(p.name for p in out.iterdir()) == ["wan-diffusers", "wan.safetensors"]
+
+
+def test_an_export_is_a_safetensors_file_with_its_own_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`<stem>.safetensors` + `<stem>.yaml`: --out model.yaml used to be overwritten by its own config copy, m.v1 and m.v2
+    shared m.yaml. The YAML is renamed into place, so a failed write keeps the previous one."""
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_layers=1", "model.dim=32", "model.ffn_dim=64"])
+    model = EchoMotionDiT(cfg.model)
+    for bad in ("model.yaml", "m.v1", "model"):
+        with pytest.raises(ExportError, match=r"an export is one \.safetensors file .* name ending in \.safetensors"):
+            save_exported(model, cfg, tmp_path / bad)
+    assert list(tmp_path.iterdir()) == []
+    for name in ("m.v1", "m.v2"):
+        save_exported(model, cfg, tmp_path / f"{name}.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.v1.safetensors", "m.v1.yaml", "m.v2.safetensors", "m.v2.yaml"]
+    assert load_exported(tmp_path / "m.v1.safetensors")[1] == cfg
+
+    yaml_path, before = tmp_path / "m.v1.yaml", (tmp_path / "m.v1.yaml").read_text()
+
+    def torn_write(self: Path, text: str, *args, **kwargs) -> int:
+        with open(self, "w") as fh:
+            fh.write(text[:20])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
+    with pytest.raises(OSError, match="no space left"):
+        save_exported(model, cfg, tmp_path / "m.v1.safetensors")
+    monkeypatch.undo()
+    assert yaml_path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.v1.safetensors", "m.v1.yaml", "m.v2.safetensors", "m.v2.yaml"]
 
 
 def test_a_patch_embedding_narrower_than_a_token_is_refused() -> None:

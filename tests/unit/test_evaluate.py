@@ -4,6 +4,7 @@ every baseline, and an end-to-end CLI run of a tiny random model on a tiny HuMoV
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,31 @@ def test_cli_end_to_end_on_a_tiny_random_model(setup, capsys):
 
     with pytest.raises(EvaluationError, match="holds no shards"):
         evaluate(model, cfg, data_dir, settings, split="nope")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-clips", "1"], "max_clips must be >= 2"),
+    (["--split", "motion_only"], "motion_only holds no shards"),
+    (["--split", "nope"], "nope holds no shards"),
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--checkpoint", "missing.safetensors"], "missing.safetensors does not exist; create it with tools/export_checkpoint.py"),
+    (["--checkpoint", "model.yaml"], "model.yaml is not a safetensors file .*; pass the .safetensors an export writes"),
+    (["--checkpoint", "."], "is a folder, not an exported .safetensors file; .* export it first"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(setup, capsys, args, message):
+    """A bad flag, split or checkpoint is the user's to fix: `evaluate: <message>` and exit 2, not a traceback."""
+    data_dir, ckpt, root = setup
+    given = dict(zip(args[::2], args[1::2]))
+    if "--checkpoint" in given:
+        given["--checkpoint"] = str(root / given["--checkpoint"])  # model.yaml: the export's config copy, not weights
+    flags = {"--checkpoint": str(ckpt), "--data": str(data_dir), "--out": str(root / "bad.json"), **given}
+    with pytest.raises(SystemExit) as exited:
+        _load_tool("evaluate").main([*(w for kv in flags.items() for w in kv), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert re.fullmatch(rf"evaluate: .*{message}.*\n", err), err
+    assert not (root / "bad.json").exists()
 
 
 # --- tools/probe_conditioning.py ---------------------------------------------------------------------------------------

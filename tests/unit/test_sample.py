@@ -1,6 +1,8 @@
-"""The sampling CLI's InferenceContext on a tiny HuMoVe-mini: clip lengths are checked against dataset.json."""
+"""The sampling CLI on a tiny HuMoVe-mini: clip lengths are checked against dataset.json, every sample gets its own
+folder, user errors are one line."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,8 @@ from echomotion.config import load_config
 from echomotion.data.synthetic import generate_humove_mini
 from echomotion.export import save_exported
 from echomotion.models import EchoMotionDiT
-from echomotion.sample import InferenceContext
+import echomotion.sample
+from echomotion.sample import InferenceContext, main as sample_main, write_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +42,41 @@ def test_clips_must_have_the_datasets_frame_count(context, task, monkeypatch):
     monkeypatch.setitem(context.info, "latent_shape", [latent[0], 5, *latent[2:]])
     with pytest.raises(ValueError, match=rf"{task}: clips \{{'{clips[0].clip_id}': 9\}} .* num_frames=17 of .*dataset.json"):
         context.generate(task, clips=clips, overrides=dict(steps=1))
+
+
+def test_sample_folders_never_collide(context, tmp_path):
+    """Folders are named after the prompt's slug (its first 60 characters) or the clip id: two long prompts that differ
+    only at the end, a repeated prompt and a repeated clip used to share a folder, each sample overwriting the last."""
+    stem = "a person in a red shirt and blue trousers waves on a green background, "
+    prompts = [stem + "slowly", stem + "quickly", stem + "slowly"]
+    gens = context.generate("t2m", prompts=prompts, overrides=dict(steps=1))
+    slug = stem.replace(",", "").replace(" ", "-")[:60]
+    assert [g.name for g in gens] == [slug, f"{slug}-2", f"{slug}-3"]
+    dirs = {write_outputs(g, tmp_path / "t2m", context.fps) for g in gens}
+    assert [(d / "caption.txt").read_text() for d in sorted(dirs)] == [p + "\n" for p in prompts]
+
+    clip = context.clips("heldout")[0]
+    gens = context.generate("v2m", clips=[clip, clip], overrides=dict(steps=1))
+    assert [g.name for g in gens] == [clip.clip_id, f"{clip.clip_id}-2"]
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(context, capsys):
+    """`sample: <message>` and exit 2, not a traceback; the KeyError of an unknown clip used to print in quotes."""
+    base = ["--checkpoint", str(context.data.parent / "model.safetensors"), "--data", str(context.data)]
+    known = context.clips("heldout")[0].clip_id
+    for args, message in (
+        (["--task", "m2v", "--clip", "nope"], f"sample: clip ids ['nope'] not in {context.data / 'heldout'}; available e.g. ['{known}'"),
+        (["--task", "v2m"], "sample: task v2m needs input clips (--clip ID)"),
+        (["--task", "t2m"], "sample: task t2m needs --prompt or --prompts"),
+        (["--task", "t2m", "--prompt", "x", "--checkpoint", str(context.data / "dataset.json")], "is not a safetensors file"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            sample_main([*base, *args])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and message in err and err.startswith("sample: ") and err.count("\n") == 1, err
+
+
+def test_docstring_example_uses_a_real_clip_id(context):
+    """HuMoVe clip ids are hm-NNNNNN; the module's example used to pass `--clip heldout-00003`."""
+    (example,) = re.findall(r"--task \w+ --clip (\S+)", echomotion.sample.__doc__)
+    assert re.fullmatch(r"hm-\d{6}", example) and all(re.fullmatch(r"hm-\d{6}", c.clip_id) for c in context.clips("heldout"))
