@@ -60,7 +60,7 @@ class InferenceContext:
         self.codec = build_video_codec(self.info["video_codec"]["name"], vae_path, device=device)
         self.text_encoder = build_text_encoder(self.info["text_encoder"]["name"], text_encoder_path, device=device)
         self.stats = MotionStats.load(self.data / "motion_stats.json")
-        self.text_len = self.cfg.data.text_len or self.cfg.model.text_len
+        self.text_len = self.cfg.text_len
         self.null_text = self.pad_text([torch.load(self.data / "null_text.pt", weights_only=True)])[0]
         self.fps = float(self.info["fps"])
 

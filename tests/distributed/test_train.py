@@ -2,7 +2,6 @@
 SIGTERM, NaN skipping, export."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import os
@@ -29,6 +28,7 @@ from echomotion.models import EchoMotionDiT, is_motion_parameter
 from echomotion.train import Trainer, build_model
 from tests.distributed.launch import child_env, trainer_overrides
 from tests.s3_server import free_port
+from tests.tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -219,11 +219,7 @@ def untrained_checkpoint(tmp_path: Path) -> Path:
 
 
 def export_tool():
-    """tools/export_checkpoint.py (a script, not a package) as a module."""
-    spec = importlib.util.spec_from_file_location("tool_export_checkpoint", ROOT / "tools/export_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_tool("export_checkpoint")
 
 
 def test_export_tool_refusals_are_one_line_and_exit_2(untrained_checkpoint: Path, tmp_path: Path, capsys,

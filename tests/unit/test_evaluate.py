@@ -1,7 +1,6 @@
 """Held-out evaluation: metric functions against brute force, the caption parser, an oracle that must score ~0 and beat
 every baseline, and an end-to-end CLI run of a tiny random model on a tiny HuMoVe-mini."""
 
-import importlib.util
 import json
 import math
 import re
@@ -38,6 +37,7 @@ from echomotion.evaluate import (
 from echomotion.export import load_exported, save_exported
 from echomotion.models import EchoMotionDiT
 from echomotion.models.echomotion import Prediction, Task
+from tests.tool_scripts import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,18 +195,10 @@ def test_mean_pose_is_the_training_clips_mean_root_relative_pose(setup):
     torch.testing.assert_close(got - got[:, :1], frames.mean(0, keepdim=True), atol=1e-5, rtol=0)
 
 
-def _load_tool(name: str):
-    """A script under tools/ (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def test_cli_end_to_end_on_a_tiny_random_model(setup, capsys):
     data_dir, ckpt, root = setup
     out = root / "report.json"
-    cli = _load_tool("evaluate")
+    cli = load_tool("evaluate")
     cli.main(["--checkpoint", str(ckpt), "--data", str(data_dir), "--out", str(out), "--max-clips", "3",
               "--batch-size", "2", "--seed", "5", "--no-progress"])
     printed = capsys.readouterr().out
@@ -251,7 +243,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(setup, capsys, args, message):
         given["--checkpoint"] = str(root / given["--checkpoint"])  # model.yaml: the export's config copy, not weights
     flags = {"--checkpoint": str(ckpt), "--data": str(data_dir), "--out": str(root / "bad.json"), **given}
     with pytest.raises(SystemExit) as exited:
-        _load_tool("evaluate").main([*(w for kv in flags.items() for w in kv), "--no-progress"])
+        load_tool("evaluate").main([*(w for kv in flags.items() for w in kv), "--no-progress"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1
     assert re.fullmatch(rf"evaluate: .*{message}.*\n", err), err
@@ -284,7 +276,7 @@ def test_probe_reads_the_posterior_mean_of_each_condition(setup, capsys):
     (MPJPE = brute-force MPJPE between the two clips); hidden -> the mean pose. Flow MSE against the true velocity is ~0
     with the own video only."""
     data_dir, ckpt, _ = setup
-    tool = _load_tool("probe_conditioning")
+    tool = load_tool("probe_conditioning")
     data = EvalData.load(data_dir, "heldout", text_len=16)
     clips = data.clips
     report = tool.probe(_LookupOracle(clips), data, sigmas=[0.5, 1.0], seed=3, batch_size=3)

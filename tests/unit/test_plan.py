@@ -2,10 +2,8 @@
 after an AdamW step, and activation bytes measured from what autograd saves on CPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,12 +25,9 @@ from parallel.plan import (
     state_bytes,
     token_counts,
 )
+from tests.tool_scripts import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "tools" / "plan.py")
-_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cli)
-plan_cli = _cli.main
+plan_cli = load_tool("plan").main
 
 SINGLE = Candidate(tp=1, sp=1, dp_shard=1, dp_replicate=1, ac="none")
 VARIANTS = [
