@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from .checkpoint import load_model_weights, read_meta
 from .config import Config, config_from_dict, to_yaml
+from .files import atomic_write
 from .models import EchoMotionDiT
-from .models.wan_io import atomic_write
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HOW_TO_EXPORT = "tools/export_checkpoint.py --checkpoint <run_dir>/checkpoints/step-N --out model.safetensors"

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from .checkpoint import superseded_dir
 from .config import ModelConfig, dual_layer_indices
+from .files import atomic_write
 from .motion.smpl import MOTION_TOKENS_PER_FRAME, POS_DIM, ROT_DIM, SHAPE_DIM, NUM_POS_TOKENS, NUM_ROT_TOKENS
 
 # Dense bf16 peak per device, for MFU (torchtitan's table).
@@ -88,9 +89,7 @@ class MetricsLog:
             fh.write("".join(ln + "\n" for ln in dropped))
             fh.flush()
             os.fsync(fh.fileno())
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in kept)))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -155,16 +155,15 @@ class Trainer:
             cache_dir=self.run_dir / "data_cache",
         )
         self.step, self.skipped, self.nan_streak, self.restarts = 0, 0, 0, 0
-        if resume_from is not None:
-            self._resume(resume_from)
+        resumed = self._resume(resume_from) if resume_from is not None else None
         archive = superseded_dir(self.run_dir, self.step)
         if env.is_main:
             self._supersede_newer(archive)
         self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step, archive=archive)
         self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
-        if self.exporter and resume_from is not None:  # the checkpoint a preemption would fall back to
+        if self.exporter and resumed is not None:  # the checkpoint a preemption would fall back to
             self.exporter.restarts.inc(self.restarts)
-            self.exporter.ckpt_last.set(read_meta(resume_from)["saved_at"])
+            self.exporter.ckpt_last.set(resumed["saved_at"])
         self.peak = peak_flops_per_device(t.peak_flops)
         self.stop_requested = False
 
@@ -175,7 +174,8 @@ class Trainer:
             return None
         return self.ckpt.latest() if mode == "auto" else Path(mode)  # a folder: checked complete by config validation
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path) -> dict[str, Any]:
+        """Model, optimizer, counters, loader and RNG from the checkpoint; returns its meta."""
         meta = read_meta(path)
         if self.ema is not None and not meta.get("has_ema"):
             raise TrainingError(
@@ -195,6 +195,7 @@ class Trainer:
         self.restarts = meta.get("restarts", 0) + 1
         if self.env.is_main:
             print(f"[echomotion] resumed from {path} at step {self.step}", flush=True)
+        return meta
 
     def _schedule(self, step: int, saved: Optional[dict[str, Any]] = None) -> torch.optim.lr_scheduler.LambdaLR:
         """The learning-rate schedule continuing after `step`. The config owns the optimizer's hyper-parameters: after a

@@ -41,6 +41,7 @@ from streaming.base.util import clean_stale_shared_memory
 from streaming.base.world import World
 
 from ..config import Config, DataConfig
+from ..files import atomic_write
 from ..motion.smpl import MOTION_FEATURE_DIM, MOTION_TOKENS_PER_FRAME, MotionStats, SMPLMotion
 from .encoders import pad_text
 from .schema import decode_sample
@@ -220,8 +221,7 @@ class RetryingStream(Stream):
                 shutil.rmtree(self.local)
             if current != remote_index:
                 os.makedirs(os.path.dirname(cached), exist_ok=True)
-                Path(f"{cached}.{os.getpid()}.tmp").write_bytes(remote_index)
-                os.replace(f"{cached}.{os.getpid()}.tmp", cached)  # atomic: the other ranks never read half an index
+                atomic_write(Path(cached), lambda tmp: tmp.write_bytes(remote_index))  # no rank reads half an index
             return
         deadline = time.time() + self.download_timeout
         while current != remote_index:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, ModelConfig, validate
+from ..files import atomic_write
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 ORIGINAL_CLASS = "WanModel"
@@ -421,18 +420,6 @@ def check_wan_path(path: str | Path, layout: str) -> Path:
     else:
         raise ValueError(f"unknown layout {layout!r}: choose 'original' or 'diffusers'")
     return path
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary name next to `path`, then rename it into place: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _original_config(cfg: ModelConfig) -> dict[str, Any]:
