@@ -15,6 +15,7 @@ CORE = [
     "prometheus-client==0.26.0",
     "tqdm>=4.66",
     "pillow>=10",
+    "matplotlib>=3.8,<4",  # the demo's loss curves (log axis, legend); mosaicml-streaming already pulls it in
     "imageio==2.38.1",
     "imageio-ffmpeg==0.8.1",
 ]

@@ -55,6 +55,10 @@ class ModelConfig:
     # or an explicit comma-separated list of layer indices ("0,2,4").
     dual_layers: str = "all"
     task_hint: bool = True
+    # A toy-scale aid, off for Wan: "sincos" adds a parameter-free sinusoidal embedding of each token's position to the
+    # token after its input embedding (video by (t, h, w), motion by (frame / ratio, token index); see
+    # docs/method-decisions.md). "none" keeps Wan exact.
+    abs_pos: str = "none"
     attention_backend: str = "sdpa"  # "sdpa" (any device) | "flash" (flash-attn varlen, CUDA only)
     motion: MotionConfig = field(default_factory=MotionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
@@ -289,6 +293,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"model.rope.motion_layout={m.rope.motion_layout!r}: choose 'mvs' or 'collision'")
     if m.rope.temporal_ratio <= 0:
         problems.append(f"model.rope.temporal_ratio={m.rope.temporal_ratio} must be > 0")
+    if m.abs_pos not in ("none", "sincos"):
+        problems.append(f"model.abs_pos={m.abs_pos!r}: choose 'none' (Wan) or 'sincos' (toy models trained from scratch)")
     if m.attention_backend not in ("sdpa", "flash"):
         problems.append(f"model.attention_backend={m.attention_backend!r}: choose 'sdpa' or 'flash'")
     if m.motion.mlp_hidden < 0:

@@ -1,5 +1,6 @@
 """The one-command CPU demo: HuMoVe-mini -> Phase 1 -> Phase 2 (2 processes, gloo) -> export -> sample all four tasks on
-held-out data -> evaluate -> report.md with loss curves and the samples side by side.
+held-out data -> evaluate -> report.md with per-task loss curves (loss.png), the metrics table and one sample grid per
+task (samples/<task>/grid.png and grid.gif: generated output, its condition and, for m2v / v2m, the ground truth).
 
     python -m echomotion.demo --out runs/demo
 
@@ -15,11 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from PIL import Image, ImageDraw
-
-from .metrics import read_metrics
+from .report import Truth, loss_curve_png, sample_grid, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,63 +54,30 @@ def _train(out: Path, nproc: int, phase: int, steps: int, extra: list[str]) -> P
     return latest
 
 
-def loss_curve_png(runs: list[tuple[str, Path]], path: Path, width: int = 720, height: int = 300) -> None:
-    """Loss per step of each run, one after another on a shared log-scale axis (drawn with PIL: no plotting dependency)."""
-    import math
+def sample_all_tasks(model: Path, data: Path, out: Path,
+                     n: int) -> tuple[dict[str, list[Path]], dict[str, tuple[Path, Path]]]:
+    """Sample the four tasks on the first n held-out clips: per-sample folders (write_outputs) and one grid per task.
+    The clips' ground truth goes into the grids too: m2v's video next to the real one, v2m's motion next to the real
+    joints."""
+    from .sample import InferenceContext, write_outputs
 
-    series = []
-    offset = 0
-    for name, run_dir in runs:
-        recs = read_metrics(run_dir)
-        pts = [(offset + r["step"], r["loss"]) for r in recs if r.get("loss") is not None and r["loss"] > 0]
-        series.append((name, pts))
-        offset += max((r["step"] for r in recs), default=0)
-    ys = [math.log10(y) for _, pts in series for _, y in pts]
-    lo, hi = min(ys), max(ys)
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    pad = 40
-    d.rectangle([pad, 10, width - 10, height - pad], outline="black")
-    colours = ["#1f77b4", "#d62728"]
-    for i, (name, pts) in enumerate(series):
-        xy = [(pad + (width - pad - 10) * x / max(1, offset), 10 + (height - pad - 10) * (hi - math.log10(y)) / max(1e-9, hi - lo))
-              for x, y in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=colours[i % 2], width=1)
-        d.text((pad + 10 + 200 * i, height - pad + 8), f"{name} loss", fill=colours[i % 2])
-    d.text((2, 10), f"{10 ** hi:.3g}", fill="black")
-    d.text((2, height - pad - 10), f"{10 ** lo:.3g}", fill="black")
-    d.text((width - 60, height - pad + 8), f"step {offset}", fill="black")
-    img.save(path)
-
-
-def write_report(out: Path, timings: dict[str, float], evaluation: Optional[dict[str, Any]], samples: dict[str, list[Path]]) -> Path:
-    lines = ["# EchoMotion CPU demo", "",
-             "Tiny dual-stream model trained on HuMoVe-mini: Phase 1 (motion only), then Phase 2 (joint, motion->video, "
-             "video->motion), 2 processes on gloo. Everything below was produced by `python -m echomotion.demo`.", "",
-             "## Loss", "", "![loss curves](loss.png)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    if evaluation is not None:
-        lines += ["", "## Evaluation on held-out clips (tools/evaluate.py)", "", "| metric | value | baseline | better |", "|---|---|---|---|"]
-        metrics = evaluation["metrics"]
-        for name, base in evaluation["baselines"].items():
-            lines.append(f"| {name} | {metrics[name]:.4g} | {base} = {metrics[base]:.4g} | {evaluation['better_than_baseline'][name]} |")
-        lines += ["", "Lower is better for all metrics; units: MPJPE in mm-equivalent (root-relative), video errors in mean "
-                  "absolute uint8 pixel error. For scale: a reader that got every joint's image position exactly but no "
-                  f"depth would score v2m_mpjpe_depth_unknown = {metrics['v2m_mpjpe_depth_unknown']:.4g} (the camera is "
-                  "orthographic)."]
-    titles = {"t2vm": "text -> video + motion (video | skeleton of the generated motion)",
-              "t2m": "text -> motion (skeleton)",
-              "m2v": "motion -> video (generated video | skeleton of the given motion)",
-              "v2m": "video -> motion (given video | skeleton of the generated motion)"}
-    for task, dirs in samples.items():
-        lines += ["", f"## {titles[task]}", ""]
-        for d in dirs:
-            caption = (d / "caption.txt").read_text().strip()
-            lines += [f"![{d.name}]({d.relative_to(out)}/preview.gif) `{d.name}`: {caption}", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    ctx = InferenceContext(model, data)
+    held = ctx.clips("heldout")[:n]
+    truths = [Truth(None if c.video_latent is None else ctx.codec.decode(c.video_latent[None].float())[0], c.joints)
+              for c in held]
+    samples: dict[str, list[Path]] = {}
+    grids: dict[str, tuple[Path, Path]] = {}
+    print(f"\n=== sampling 4 tasks on {len(held)} held-out clips", flush=True)
+    for task in ("t2vm", "t2m", "m2v", "v2m"):
+        prompts = [c.caption for c in held] if task in ("t2vm", "t2m") else []
+        clips = held if task in ("m2v", "v2m") else []
+        gens = ctx.generate(task, prompts=prompts, clips=clips, seed=0)
+        for g, c in zip(gens, held):
+            g.name = c.clip_id  # name every sample after its held-out clip
+        samples[task] = [write_outputs(g, out / "samples" / task, ctx.fps) for g in gens]
+        grids[task] = sample_grid(task, gens, truths, out / "samples" / task, ctx.fps)
+        print(f"  {task}: {len(gens)} samples", flush=True)
+    return samples, grids
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -119,9 +85,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--clips", type=int, default=200)
     p.add_argument("--motion-only-clips", type=int, default=100)
-    p.add_argument("--frames", type=int, default=9, help="frames per clip (1 + 4k); 9 keeps CPU steps short")
-    p.add_argument("--phase1-steps", type=int, default=600)
-    p.add_argument("--phase2-steps", type=int, default=1500)
+    p.add_argument("--frames", type=int, default=5, help="frames per clip (1 + 4k); 5 keeps CPU steps short")
+    p.add_argument("--height", type=int, default=32)
+    p.add_argument("--width", type=int, default=16, help="a portrait frame the person fills (half the tokens of 32)")
+    p.add_argument("--phase1-steps", type=int, default=400)
+    p.add_argument("--phase2-steps", type=int, default=3000)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--samples", type=int, default=4, help="held-out prompts/clips per task")
     a = p.parse_args(argv)
@@ -135,8 +103,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = out / "data"
     if not (data / "dataset.json").exists():
         _run([sys.executable, str(ROOT / "tools/make_humove_mini.py"), "--out", str(data), "--clips", str(a.clips),
-              "--seed", "0", "--motion-only-clips", str(a.motion_only_clips), "--frames", str(a.frames)],
-             f"HuMoVe-mini: {a.clips} clips of {a.frames} frames")
+              "--seed", "0", "--motion-only-clips", str(a.motion_only_clips), "--frames", str(a.frames),
+              "--height", str(a.height), "--width", str(a.width), "--codec", "pca", "--no-progress"],
+             f"HuMoVe-mini: {a.clips} clips of {a.frames} frames, {a.height} x {a.width}")
     timings["data"] = time.time() - t0
 
     t0 = time.time()
@@ -153,20 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     timings["export"] = time.time() - t0
 
     t0 = time.time()
-    from .sample import InferenceContext, write_outputs
-
-    ctx = InferenceContext(model, data)
-    held = ctx.clips("heldout")[: a.samples]
-    samples: dict[str, list[Path]] = {}
-    print(f"\n=== sampling 4 tasks on {len(held)} held-out clips", flush=True)
-    for task in ("t2vm", "t2m", "m2v", "v2m"):
-        prompts = [c.caption for c in held] if task in ("t2vm", "t2m") else []
-        clips = held if task in ("m2v", "v2m") else []
-        gens = ctx.generate(task, prompts=prompts, clips=clips, seed=0)
-        for g, c in zip(gens, held):
-            g.name = c.clip_id  # name every sample after its held-out clip
-        samples[task] = [write_outputs(g, out / "samples" / task, ctx.fps) for g in gens]
-        print(f"  {task}: {len(gens)} samples", flush=True)
+    samples, grids = sample_all_tasks(model, data, out, a.samples)
     timings["sampling"] = time.time() - t0
 
     t0 = time.time()
@@ -179,7 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     timings["evaluation"] = time.time() - t0
 
     loss_curve_png([("phase 1", out / "phase1"), ("phase 2", out / "phase2")], out / "loss.png")
-    report = write_report(out, timings, evaluation, samples)
+    report = write_report(out, timings, evaluation, grids, samples)
     print(f"\nreport: {report}  (total {sum(timings.values()):.0f} s)")
     return 0
 

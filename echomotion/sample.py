@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .cli import user_errors
-from .data.encoders import build_text_encoder, build_video_codec, pad_text
+from .data.encoders import pad_text, text_encoder_from, video_codec_from
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
 from .diffusion.sampler import GENERATED, TASKS, sample
@@ -57,8 +57,8 @@ class InferenceContext:
         self.info = json.loads(info_path.read_text())
         self.model, self.cfg = load_exported(checkpoint, device=device)
         self.device = torch.device(device)
-        self.codec = build_video_codec(self.info["video_codec"]["name"], vae_path, device=device)
-        self.text_encoder = build_text_encoder(self.info["text_encoder"]["name"], text_encoder_path, device=device)
+        self.codec = video_codec_from(self.info["video_codec"], self.data, vae_path, device=device)
+        self.text_encoder = text_encoder_from(self.info["text_encoder"], text_encoder_path, device=device)
         self.stats = MotionStats.load(self.data / "motion_stats.json")
         self.text_len = self.cfg.text_len
         self.null_text = self.pad_text([torch.load(self.data / "null_text.pt", weights_only=True)])[0]

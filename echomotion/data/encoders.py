@@ -21,11 +21,15 @@ __all__ = [
     "VideoCodec",
     "TextEncoder",
     "PixelCodec",
+    "PCACodec",
+    "PCA_CODEC_FILE",
+    "video_codec_from",
     "WanVAECodec",
     "HashTextEncoder",
     "UMT5TextEncoder",
     "build_video_codec",
     "build_text_encoder",
+    "text_encoder_from",
     "VIDEO_CODECS",
     "TEXT_ENCODERS",
 ]
@@ -113,6 +117,77 @@ class PixelCodec:
         return {"name": "pixel", "spatial": self.spatial_compression, "latent_channels": self.latent_channels}
 
 
+class PCACodec:
+    """The pixel codec's tokens projected on their top principal components, each scaled to unit variance: a compressing,
+    weight-light stand-in for the Wan VAE, fitted on a dataset's own frames when it is written (HuMoVe-mini).
+
+    Why: a pixel-codec token carries 48 values (4 frames x RGB x 2 x 2), nearly the toy model's whole width (64), so the
+    model cannot keep its input apart from what it computes and passes input noise through to its prediction (grainy
+    samples). Wan's VAE compresses 48x (16 channels for 4 x 8 x 8 x RGB) and normalizes each channel; this does the same
+    at toy scale: 16 components keep 99.8% of HuMoVe-mini's token variance (mean decoding error about 1 of 255 levels).
+    Measured in docs/PERFORMANCE.md. The mean, basis and scales live in one small file next to the shards.
+    """
+
+    temporal_compression = PixelCodec.temporal_compression
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, std: torch.Tensor, spatial: int = 2):
+        self.pixel = PixelCodec(spatial)
+        if basis.dim() != 2 or basis.shape[1] != self.pixel.latent_channels or mean.shape != (basis.shape[1],) \
+                or std.shape != (basis.shape[0],):
+            raise ValueError(f"a PCA codec over {self.pixel.latent_channels} pixel values needs mean [{basis.shape[-1]}], "
+                             f"basis [k, {self.pixel.latent_channels}] and std [k]; got {list(mean.shape)}, "
+                             f"{list(basis.shape)}, {list(std.shape)}")
+        self.mean, self.basis, self.std = mean.float(), basis.float(), std.float()
+        self.spatial_compression = spatial
+        self.latent_channels = basis.shape[0]
+
+    @classmethod
+    def fit(cls, frames: np.ndarray | torch.Tensor, channels: int, spatial: int = 2) -> "PCACodec":
+        """Principal components of the pixel-codec tokens of `frames` (uint8 [B, T, H, W, 3])."""
+        pixel = PixelCodec(spatial)
+        if not 1 <= channels <= pixel.latent_channels:
+            raise ValueError(f"a PCA codec keeps 1..{pixel.latent_channels} components, got {channels}")
+        tokens = pixel.encode(frames).movedim(1, -1).reshape(-1, pixel.latent_channels).double()
+        mean = tokens.mean(0)
+        _, _, vh = torch.linalg.svd(tokens - mean, full_matrices=False)
+        basis = vh[:channels]
+        std = ((tokens - mean) @ basis.T).std(0).clamp_min(1e-6)
+        return cls(mean.float(), basis.float(), std.float(), spatial)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PCACodec":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a 'pca' dataset keeps its codec there (tools/make_humove_mini.py "
+                                    "writes it); copy it with the shards")
+        d = torch.load(path, weights_only=True)
+        return cls(d["mean"], d["basis"], d["std"], int(d["spatial"]))
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"mean": self.mean, "basis": self.basis, "std": self.std, "spatial": self.spatial_compression}, path)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.latent_channels, *self.pixel.latent_shape(num_frames, height, width)[1:])
+
+    def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tokens = self.pixel.encode(frames).movedim(1, -1)
+        return (((tokens - self.mean) @ self.basis.T) / self.std).movedim(-1, 1)
+
+    def decode(self, latent: torch.Tensor) -> np.ndarray:
+        z = latent.detach().float().cpu()
+        if z.dim() != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"latent must be [B,{self.latent_channels},F,H,W], got {list(z.shape)}")
+        tokens = (z.movedim(1, -1) * self.std) @ self.basis + self.mean
+        return self.pixel.decode(tokens.movedim(-1, 1))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "pca", "spatial": self.spatial_compression, "latent_channels": self.latent_channels,
+                "file": PCA_CODEC_FILE}
+
+
+PCA_CODEC_FILE = "video_codec.pt"
+
+
 class WanVAECodec:
     """The Wan VAE (`diffusers.AutoencoderKLWan`) from a local folder, latents normalized with its config's mean/std.
 
@@ -168,18 +243,24 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 
 class HashTextEncoder:
-    """Weight-free deterministic text encoder: one fixed pseudo-random vector per lowercase word, plus position.
+    """Weight-free deterministic text encoder: one fixed pseudo-random vector per lowercase word, plus its next word's vector
+    turned by a fixed rotation (times `context`), plus position.
 
     A word's vector is seeded from sha256(seed, word), so it is the same on every machine and Python run (python's
-    hash() is salted per process). A small sinusoidal position term keeps word order visible to the model. The empty
-    prompt gives a [0, dim] tensor.
+    hash() is salted per process). The next-word term is a one-word stand-in for the context umT5 gives each token: in
+    "a red shirt and blue trousers ... on a green background" a token must say which colour goes where, and a bag of
+    context-free words cannot (measured in docs/PERFORMANCE.md: t2vm background accuracy 0.10 without it, 0.75 with
+    `context=1`). A small sinusoidal position term keeps word order visible. The empty prompt gives a [0, dim] tensor.
+    `context=0` is the encoder of datasets written before the term existed (their dataset.json records no "context").
     """
 
-    def __init__(self, dim: int = 32, seed: int = 0, position_scale: float = 0.1):
+    def __init__(self, dim: int = 32, seed: int = 0, position_scale: float = 0.1, context: float = 1.0):
         if dim < 2:
             raise ValueError(f"text dim must be >= 2, got {dim}")
-        self.dim, self.seed, self.position_scale = dim, seed, position_scale
+        self.dim, self.seed, self.position_scale, self.context = dim, seed, position_scale, context
         self._cache: dict[str, np.ndarray] = {}
+        rng = np.random.default_rng([seed, 11])
+        self._next_word_map = np.linalg.qr(rng.standard_normal((dim, dim)))[0]  # a fixed random rotation
 
     def _word(self, word: str) -> np.ndarray:
         v = self._cache.get(word)
@@ -201,12 +282,18 @@ class HashTextEncoder:
         out = []
         for text in texts:
             words = _WORD.findall(text.lower())
-            emb = np.stack([self._word(w) for w in words]) + self._positions(len(words)) if words else np.zeros((0, self.dim))
+            if not words:
+                out.append(torch.zeros(0, self.dim))
+                continue
+            vecs = np.stack([self._word(w) for w in words])
+            nxt = np.concatenate([vecs[1:], np.zeros((1, self.dim))]) @ self._next_word_map.T
+            emb = vecs + self.context * nxt + self._positions(len(words))
             out.append(torch.from_numpy(emb.astype(np.float32)))
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "hash", "dim": self.dim, "seed": self.seed, "position_scale": self.position_scale}
+        return {"name": "hash", "dim": self.dim, "seed": self.seed, "position_scale": self.position_scale,
+                "context": self.context}
 
 
 class UMT5TextEncoder:
@@ -246,7 +333,7 @@ class UMT5TextEncoder:
         return {"name": "umt5", "path": str(self.path), "dim": self.dim, "max_length": self.max_length}
 
 
-VIDEO_CODECS = ("pixel", "wan-vae")
+VIDEO_CODECS = ("pixel", "wan-vae")  # built by name; "pca" is fitted on the data (PCACodec.fit) and loaded from a file
 TEXT_ENCODERS = ("hash", "umt5")
 
 
@@ -270,6 +357,29 @@ def build_text_encoder(name: str, path: str | Path | None = None, device: str | 
             raise ValueError("text encoder 'umt5' needs a path: pass --text-encoder-path /path/to/umt5")
         return UMT5TextEncoder(path, device=device)
     raise ValueError(f"unknown text encoder {name!r}; choose one of {list(TEXT_ENCODERS)}")
+
+
+def video_codec_from(description: dict[str, Any], root: str | Path, vae_path: str | Path | None = None,
+                     device: str | torch.device = "cpu") -> VideoCodec:
+    """The codec a dataset was written with, from its dataset.json `video_codec` entry (`root`: the dataset folder, where a
+    PCA codec's file lives; `vae_path`: where the Wan VAE is now, if it moved)."""
+    name = description.get("name")
+    if name == "pixel":
+        return PixelCodec(int(description.get("spatial", 2)))
+    if name == "pca":
+        return PCACodec.load(Path(root) / description.get("file", PCA_CODEC_FILE))
+    return build_video_codec(str(name), vae_path or description.get("path"), device)
+
+
+def text_encoder_from(description: dict[str, Any], path: str | Path | None = None,
+                      device: str | torch.device = "cpu") -> TextEncoder:
+    """The encoder a dataset was written with, from its dataset.json `text_encoder` entry, so new prompts are encoded
+    exactly like its shards (a hash encoder's settings are all in the entry; umT5 needs its weights folder)."""
+    if description.get("name") == "hash":
+        return HashTextEncoder(dim=int(description.get("dim", 32)), seed=int(description.get("seed", 0)),
+                               position_scale=float(description.get("position_scale", 0.1)),
+                               context=float(description.get("context", 0.0)))
+    return build_text_encoder(str(description.get("name")), path or description.get("path"), device)
 
 
 def pad_text(embedding: torch.Tensor, length: int) -> torch.Tensor:

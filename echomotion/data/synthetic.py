@@ -4,7 +4,9 @@ Each clip is one of ten actions, written as joint-rotation curves over time with
 direction, phase and body shape (betas), turned into joints by SMPL forward kinematics, and rendered as a thick-limb
 figure whose shirt, trouser and background colours are named by the caption. The renderer is a pure function of the
 joints and the named colours, and the camera is fixed, so the joint distribution of (caption, motion, video) is exactly
-learnable: the same motion with the same caption always gives the same pixels.
+learnable: the same motion with the same caption always gives the same pixels. For evaluation, `render_labels` gives
+the same drawing as a label map (which colour slot covers each pixel), `project_joints` the camera and `wall_fraction`
+where the wall and floor are.
 
 `generate_humove_mini` writes the MDS shards (train / heldout / motion_only), motion statistics, the empty-prompt
 embedding, dataset.json and optionally raw clips (lossless mp4 + SMPL .npz + JSONL manifest) for
@@ -15,14 +17,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from echomotion.data.encoders import TextEncoder, VideoCodec, build_text_encoder, build_video_codec
+from echomotion.data.encoders import (
+    PCA_CODEC_FILE,
+    PCACodec,
+    TextEncoder,
+    VideoCodec,
+    build_text_encoder,
+    build_video_codec,
+)
 from echomotion.data.schema import COLUMNS, SCHEMA_VERSION, Sample, encode_sample
 from echomotion.data.shards import SHARD_BYTES, SHARD_HASHES
 from echomotion.motion import (
@@ -43,7 +52,11 @@ __all__ = [
     "sample_spec",
     "pose_curves",
     "make_motion",
+    "LABELS",
     "render_clip",
+    "render_labels",
+    "project_joints",
+    "wall_fraction",
     "generate_humove_mini",
     "SOURCE",
 ]
@@ -288,18 +301,88 @@ def make_motion(layer: SMPLLayer, spec: ClipSpec, num_frames: int = NUM_FRAMES, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rendering
+# Rendering: one camera (`project_joints`) and one drawing routine (`_draw_frames`), shared by video and label map.
+
+LABELS: tuple[str, ...] = ("background", "shirt", "trousers", "skin", "shoes")  # render_labels' values, by index
+
+
+def _as_joints(joints: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Joints as float64 numpy [F, 24, 3], or a ValueError that says what shape was given."""
+    j = joints.detach().cpu().double().numpy() if torch.is_tensor(joints) else np.asarray(joints, np.float64)
+    if j.ndim != 3 or j.shape[1:] != (NUM_JOINTS, 3):
+        raise ValueError(f"joints must be [F,{NUM_JOINTS},3], got {list(j.shape)}")
+    return j
+
+
+def project_joints(joints: torch.Tensor | np.ndarray, height: int = HEIGHT, width: int = WIDTH,
+                   supersample: int = 1) -> np.ndarray:
+    """The fixed orthographic camera: points [..., 3] (metres, y up, camera on +z) -> pixel coordinates [..., 2] (u =
+    column, v = row) in an image of height*supersample x width*supersample pixels, integer values at pixel centres.
+
+    render_clip draws with supersample = _SUPERSAMPLE and box-filters down, which maps these coordinates to exactly
+    `project_joints(..., supersample=1)`: (u_ss - (ss - 1) / 2) / ss. Depth (z) does not move a point on the image.
+    PIL rasterizes at whole pixels of the 4x image, so a painted shape can sit up to ~1/4 output pixel off this.
+    """
+    j = joints.detach().cpu().double().numpy() if torch.is_tensor(joints) else np.asarray(joints, np.float64)
+    ss = supersample
+    scale = height * ss / _VIEW_HEIGHT_M  # pixels per metre at the drawing resolution
+    u = (width * ss - 1) / 2 + scale * j[..., 0]
+    v = (height * ss - 1) / 2 - scale * (j[..., 1] - _VIEW_CENTER_Y)
+    return np.stack([u, v], axis=-1)
+
+
+def _ground_row(height: int, ss: int) -> int:
+    """First row of the floor at the drawing resolution: where the ground (y = 0) projects, rounded."""
+    scale = height * ss / _VIEW_HEIGHT_M
+    return int(round((height * ss - 1) / 2 + scale * _VIEW_CENTER_Y))
+
+
+def wall_fraction(height: int = HEIGHT) -> np.ndarray:
+    """Per output row [H], the fraction of it that is wall (1 above the ground line, 0 on the floor, in between on the
+    one row the line crosses after box filtering): where a reader of the video expects wall and floor colour."""
+    ss = _SUPERSAMPLE
+    return np.clip((_ground_row(height, ss) - np.arange(height) * ss) / ss, 0.0, 1.0)
 
 
 def _background(colour: str, height: int, width: int, ss: int) -> Image.Image:
     """Plain wall in the named colour above a darker floor that starts at the ground line (y = 0)."""
     rgb = np.array(COLOURS[colour])
-    scale = height * ss / _VIEW_HEIGHT_M
-    ground_row = int(round((height * ss - 1) / 2 + scale * _VIEW_CENTER_Y))
     img = np.empty((height * ss, width * ss, 3), np.uint8)
     img[:] = rgb
-    img[ground_row:] = (rgb * 0.7).astype(np.uint8)
+    img[_ground_row(height, ss):] = (rgb * 0.7).astype(np.uint8)
     return Image.fromarray(img)
+
+
+def _draw_frames(j: np.ndarray, height: int, width: int, fills: dict[str, Any], base: Image.Image
+                 ) -> Iterator[Image.Image]:
+    """Each frame of joints [F,24,3] drawn over a copy of `base` at _SUPERSAMPLE x the output size: the thick limbs with
+    fills[slot] (a colour of base's mode: RGB for the video, a label index for the label map) and the head with
+    fills["skin"], painted back to front by depth (camera on +z). The video and its label map share this one routine,
+    so a label is exactly what the video paints there."""
+    ss = _SUPERSAMPLE
+    scale = height * ss / _VIEW_HEIGHT_M  # pixels per metre at the drawing resolution
+    uv = project_joints(j, height, width, ss)
+    u, v = uv[..., 0], uv[..., 1]
+    head = j[:, 15] + 0.5 * (j[:, 15] - j[:, 12])  # head centre a little beyond the head joint
+    huv = project_joints(head, height, width, ss)
+    hu, hv = huv[..., 0], huv[..., 1]
+    a_idx, b_idx = [l[0] for l in _LIMBS], [l[1] for l in _LIMBS]
+    depth = np.concatenate([(j[:, a_idx, 2] + j[:, b_idx, 2]) / 2, head[:, None, 2]], axis=1)  # [F, limbs + head]
+    head_r = _HEAD_RADIUS_M * scale
+    for f in range(j.shape[0]):
+        img = base.copy()
+        draw = ImageDraw.Draw(img)
+        for k in np.argsort(depth[f], kind="stable"):
+            if k == len(_LIMBS):
+                draw.ellipse([hu[f] - head_r, hv[f] - head_r, hu[f] + head_r, hv[f] + head_r], fill=fills["skin"])
+                continue
+            a, b, w_m, slot = _LIMBS[k]
+            w = max(1, round(w_m * scale))
+            r = w / 2
+            draw.line([(u[f, a], v[f, a]), (u[f, b], v[f, b])], fill=fills[slot], width=w)
+            for q in (a, b):
+                draw.ellipse([u[f, q] - r, v[f, q] - r, u[f, q] + r, v[f, q] + r], fill=fills[slot])
+        yield img
 
 
 def render_clip(joints: torch.Tensor | np.ndarray, shirt: str, trousers: str, background: str,
@@ -312,36 +395,33 @@ def render_clip(joints: torch.Tensor | np.ndarray, shirt: str, trousers: str, ba
     for name in (shirt, trousers, background):
         if name not in COLOURS:
             raise ValueError(f"unknown colour {name!r}; HuMoVe-mini colours are {sorted(COLOURS)}")
-    j = joints.detach().cpu().double().numpy() if torch.is_tensor(joints) else np.asarray(joints, np.float64)
-    if j.ndim != 3 or j.shape[1:] != (NUM_JOINTS, 3):
-        raise ValueError(f"joints must be [F,{NUM_JOINTS},3], got {list(j.shape)}")
-    ss = _SUPERSAMPLE
-    scale = height * ss / _VIEW_HEIGHT_M  # pixels per metre at the drawing resolution
-    u = (width * ss - 1) / 2 + scale * j[..., 0]
-    v = (height * ss - 1) / 2 - scale * (j[..., 1] - _VIEW_CENTER_Y)
-    colours = {"shirt": COLOURS[shirt], "trousers": COLOURS[trousers], "skin": _SKIN, "shoes": _SHOES}
-    head = j[:, 15] + 0.5 * (j[:, 15] - j[:, 12])  # head centre a little beyond the head joint
-    hu = (width * ss - 1) / 2 + scale * head[:, 0]
-    hv = (height * ss - 1) / 2 - scale * (head[:, 1] - _VIEW_CENTER_Y)
-    a_idx, b_idx = [l[0] for l in _LIMBS], [l[1] for l in _LIMBS]
-    depth = np.concatenate([(j[:, a_idx, 2] + j[:, b_idx, 2]) / 2, head[:, None, 2]], axis=1)  # [F, limbs + head]
-    base = _background(background, height, width, ss)
-    head_r = _HEAD_RADIUS_M * scale
+    j = _as_joints(joints)
+    fills = {"shirt": COLOURS[shirt], "trousers": COLOURS[trousers], "skin": _SKIN, "shoes": _SHOES}
+    base = _background(background, height, width, _SUPERSAMPLE)
     out = np.empty((j.shape[0], height, width, 3), np.uint8)
-    for f in range(j.shape[0]):
-        img = base.copy()
-        draw = ImageDraw.Draw(img)
-        for k in np.argsort(depth[f], kind="stable"):
-            if k == len(_LIMBS):
-                draw.ellipse([hu[f] - head_r, hv[f] - head_r, hu[f] + head_r, hv[f] + head_r], fill=_SKIN)
-                continue
-            a, b, w_m, slot = _LIMBS[k]
-            w = max(1, round(w_m * scale))
-            r = w / 2
-            draw.line([(u[f, a], v[f, a]), (u[f, b], v[f, b])], fill=colours[slot], width=w)
-            for q in (a, b):
-                draw.ellipse([u[f, q] - r, v[f, q] - r, u[f, q] + r, v[f, q] + r], fill=colours[slot])
+    for f, img in enumerate(_draw_frames(j, height, width, fills, base)):
         out[f] = np.asarray(img.resize((width, height), Image.BOX))
+    return out
+
+
+def render_labels(joints: torch.Tensor | np.ndarray, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """Joints [F,24,3] -> uint8 label map [F,H,W] of what render_clip paints where (indices into LABELS: 0 background,
+    1 shirt, 2 trousers, 3 skin, 4 shoes; `labels > 0` is the silhouette).
+
+    Drawn by the same routine as the video at the same supersampling; an output pixel is background when the body
+    covers < 50% of it (so the silhouette is the pixels the box filter makes at least half body), else the slot that
+    covers most of it (ties: the lower index).
+    """
+    j = _as_joints(joints)
+    ss = _SUPERSAMPLE
+    fills = {slot: LABELS.index(slot) for slot in LABELS[1:]}
+    base = Image.new("L", (width * ss, height * ss), 0)
+    out = np.empty((j.shape[0], height, width), np.uint8)
+    for f, img in enumerate(_draw_frames(j, height, width, fills, base)):
+        cells = np.asarray(img).reshape(height, ss, width, ss)
+        counts = np.stack([(cells == k).sum(axis=(1, 3)) for k in range(len(LABELS))])  # [labels, H, W]
+        body = ss * ss - counts[0]
+        out[f] = np.where(2 * body >= ss * ss, 1 + counts[1:].argmax(0), 0)
     return out
 
 
@@ -404,6 +484,7 @@ def generate_humove_mini(
     *,
     heldout_fraction: float = 0.1,
     codec: str = "pixel",
+    codec_channels: int = 16,
     vae_path: Optional[str] = None,
     text_encoder: str = "hash",
     text_encoder_path: Optional[str] = None,
@@ -417,7 +498,10 @@ def generate_humove_mini(
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write HuMoVe-mini under `out` and return what dataset.json records (see docs/data.md for the layout)."""
+    """Write HuMoVe-mini under `out` and return what dataset.json records (see docs/data.md for the layout).
+
+    codec: "pixel" (exact), "wan-vae" (`vae_path`), or "pca": the pixel tokens' top `codec_channels` principal
+    components, fitted on the training clips (`PCACodec`; written to `out`/video_codec.pt)."""
     if clips < 1:
         raise ValueError(f"--clips must be >= 1, got {clips}")
     out = Path(out)
@@ -428,9 +512,13 @@ def generate_humove_mini(
     if not smpl_path.exists():
         write_synthetic_smpl_model(smpl_path)
     layer = SMPLLayer(smpl_path)
-    vcodec: VideoCodec = build_video_codec(codec, vae_path)
-    tenc: TextEncoder = build_text_encoder(text_encoder, text_encoder_path)
     shape = dict(num_frames=num_frames, fps=fps, height=height, width=width)
+    if codec == "pca":
+        vcodec: VideoCodec = _fit_pca_codec(clips, seed, heldout_fraction, layer, shape, codec_channels)
+        vcodec.save(out / PCA_CODEC_FILE)
+    else:
+        vcodec = build_video_codec(codec, vae_path)
+    tenc: TextEncoder = build_text_encoder(text_encoder, text_encoder_path)
     tally = _Tally()
     with tqdm(total=clips + motion_only_clips, desc="humove-mini", unit="clip", disable=not progress) as bar:
         train_features = _write_video_clips(out, clips, seed, heldout_fraction, raw, layer, vcodec, tenc, latent_dtype,
@@ -463,6 +551,24 @@ def generate_humove_mini(
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+PCA_FIT_CLIPS = 256  # training clips a PCA codec is fitted on: ~65k tokens at 32 x 32, 5 frames; plenty for 48 values
+
+
+def _fit_pca_codec(clips: int, seed: int, heldout_fraction: float, layer: SMPLLayer, shape: dict[str, Any],
+                   channels: int) -> PCACodec:
+    """A PCA codec fitted on (up to PCA_FIT_CLIPS of) the training clips, rendered once more here: held-out clips stay
+    unseen, so their decoding error is an honest measure of the codec."""
+    heldout = _heldout_indices(clips, heldout_fraction, seed)
+    train = [i for i in range(clips) if i not in heldout][:PCA_FIT_CLIPS]
+    frames = []
+    for i in train:
+        spec = _clip_spec(seed, 0, i)
+        motion = make_motion(layer, spec, shape["num_frames"], shape["fps"])
+        frames.append(render_clip(motion.joints, spec.shirt, spec.trousers, spec.background, shape["height"],
+                                  shape["width"]))
+    return PCACodec.fit(np.stack(frames), channels)
 
 
 def _write_video_clips(out: Path, clips: int, seed: int, heldout_fraction: float, raw: bool, layer: SMPLLayer,

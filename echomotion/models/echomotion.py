@@ -22,7 +22,7 @@ from ..config import ModelConfig, dual_layer_indices
 from ..motion.smpl import MOTION_TOKENS_PER_FRAME
 from .attention import get_attention
 from .motion_tokens import MotionEmbed, MotionHead
-from .rope import motion_positions, rope_cos_sin, video_positions
+from .rope import motion_positions, rope_cos_sin, sincos_embedding, video_positions
 from .wan import (
     Head,
     TimeCond,
@@ -244,6 +244,7 @@ class EchoMotionDiT(nn.Module):
         t = check_timesteps(timestep, batch, tokens, "video_timestep")
         cond = time_conditioning(t, self.config.freq_dim, self.time_embedding, self.time_projection, batch)
         pos = video_positions(*grid).to(x.device)
+        x = self.add_abs_pos(x, pos)
         key_mask = None
         if mask is not None and not bool(mask.all()):
             key_mask = mask.to(torch.bool)[:, None].expand(batch, tokens)
@@ -270,6 +271,8 @@ class EchoMotionDiT(nn.Module):
         cond = time_conditioning(t, self.config.freq_dim, self.time_embedding, self.time_projection, batch)
         r = self.config.rope
         pos = motion_positions(frames, MOTION_TOKENS_PER_FRAME, grid_hw, r.motion_layout, r.temporal_ratio).to(x.device)
+        # the absolute embedding must not depend on whether a video is present (Phase 1 has none): (f / ratio, i, i)
+        x = self.add_abs_pos(x, motion_positions(frames, MOTION_TOKENS_PER_FRAME, (0, 0), "mvs", r.temporal_ratio))
         key_mask = None
         if mask is not None:
             if mask.shape != (batch, frames):
@@ -278,6 +281,13 @@ class EchoMotionDiT(nn.Module):
         if hint is not None:
             x = x + hint
         return Stream(x, cond, rope_cos_sin(pos, self.head_dim, r.theta), key_mask)
+
+    def add_abs_pos(self, x: Tensor, positions: Tensor) -> Tensor:
+        """`model.abs_pos=sincos`: the toy-scale absolute position aid, added to the embedded tokens (before any sequence
+        sharding, so every rank adds the embedding of its own tokens); "none" (Wan) leaves x untouched."""
+        if self.config.abs_pos == "none":
+            return x
+        return x + sincos_embedding(positions, x.shape[-1]).to(device=x.device, dtype=x.dtype)
 
     # ---------------------------------------------------------------------------------------------- pretrained weights
     @classmethod

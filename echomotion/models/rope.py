@@ -64,6 +64,24 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tu
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
+def sincos_embedding(positions: Tensor, dim: int, theta: float = 100.0) -> Tensor:
+    """Parameter-free absolute position embedding [L, dim] (float32) of (t, h, w) positions: each axis gets a band of the
+    width (Wan's RoPE split, `axis_dims(dim)`), half sines and half cosines of position * theta^(-j / pairs).
+
+    A toy-scale aid (`model.abs_pos`), not part of Wan: under RoPE alone the token values carry no position, and a tiny model
+    trained from scratch never learns to place content (docs/method-decisions.md). theta = 100 spreads the wavelengths over
+    the few tens of positions a toy grid has, where Wan's 10000 would leave most channels nearly constant.
+    """
+    pos = positions.to(torch.float64)
+    bands = []
+    for axis, width in enumerate(axis_dims(dim)):
+        pairs = width // 2
+        freqs = torch.pow(torch.tensor(theta, dtype=torch.float64), -torch.arange(pairs, dtype=torch.float64) / pairs)
+        angle = pos[:, axis, None] * freqs[None, :]
+        bands += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(bands, dim=1).float()
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent channel pairs of x [B, L, N, D] by the angles of its L tokens, in fp32 (or wider), cast back.
 

@@ -45,6 +45,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     mini = root / "mini"
     generate_humove_mini(mini, clips=4, seed=0, num_frames=9, heldout_fraction=0.0, progress=False)
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_heads=4"])
+    # tiny.yaml turns the toy position aid on, so every layout below also checks that each TP / Ulysses rank adds the
+    # absolute embedding of its own tokens (a slice taken before or after the add would differ from one process)
+    assert cfg.model.abs_pos == "sincos"
     torch.manual_seed(3)
     model = EchoMotionDiT(cfg.model)
     with torch.no_grad():

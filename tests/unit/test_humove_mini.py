@@ -14,11 +14,21 @@ from echomotion.data.encoders import (
     UMT5TextEncoder,
     WanVAECodec,
     build_text_encoder,
+    text_encoder_from,
+    video_codec_from,
     build_video_codec,
 )
 from echomotion.data.shards import compute_motion_stats, iter_samples
-from echomotion.data.synthetic import ACTIONS, COLOURS, ClipSpec, generate_humove_mini, make_motion, render_clip
-from echomotion.motion import MotionStats, SMPLLayer
+from echomotion.data.synthetic import (
+    ACTIONS,
+    COLOURS,
+    ClipSpec,
+    generate_humove_mini,
+    make_motion,
+    render_clip,
+    sample_spec,
+)
+from echomotion.motion import MotionStats, SMPLLayer, write_synthetic_smpl_model
 from tests.tiny_encoders import VAE_MEAN, VAE_STD, tiny_umt5, tiny_vae
 
 CLIPS = 16
@@ -65,14 +75,40 @@ def test_pixel_codec_exact_round_trip_and_layout():
 
 
 def test_hash_text_encoder_is_stable_and_true_length():
-    enc = HashTextEncoder()
+    enc = HashTextEncoder(context=0.0)  # the encoder of datasets written before the next-word term
     a, empty = enc.encode(["Walk walk", ""])
     assert a.shape == (2, 32) and a.dtype == torch.float32 and empty.shape == (0, 32)
     # a golden value: sha256-seeded, identical in every process and on every machine (python's hash() is not)
     assert torch.allclose(a[0, :3], torch.tensor([-1.6338015, 0.0655569, -0.8354466]), atol=1e-6)
-    assert torch.equal(HashTextEncoder().encode(["walk walk"])[0], a)
+    assert torch.equal(HashTextEncoder(context=0.0).encode(["walk walk"])[0], a)
     assert not torch.equal(a[0], a[1])  # position term keeps order visible
-    assert not torch.equal(HashTextEncoder(seed=1).encode(["walk"])[0], a[:1])
+    assert not torch.equal(HashTextEncoder(seed=1, context=0.0).encode(["walk"])[0], a[:1])
+
+
+def test_hash_text_encoder_tells_which_word_a_colour_belongs_to():
+    """Each token carries its next word through a fixed rotation: "red" before "shirt" and before "background" are
+    different tokens (a bag of words could not say which colour is the shirt's), and the term is exactly additive."""
+    plain, ctx = HashTextEncoder(context=0.0), HashTextEncoder(context=1.0)
+    shirt, background = ctx.encode(["red shirt", "red background"])
+    assert not torch.allclose(shirt[0], background[0])
+    assert torch.equal(shirt[1], plain.encode(["red shirt"])[0][1])  # the last word has no next word
+    next_shirt = ctx.encode(["shirt"])[0][0] - plain.encode(["shirt"])[0][0]  # 0 + position: the word alone
+    assert torch.allclose(next_shirt, torch.zeros(32), atol=1e-6)
+    rotated = torch.from_numpy(ctx._next_word_map @ ctx._word("shirt")).float()
+    assert torch.allclose(shirt[0] - plain.encode(["red shirt"])[0][0], rotated, atol=1e-5)
+    assert torch.allclose(rotated.norm(), torch.from_numpy(ctx._word("shirt")).float().norm(), rtol=1e-5)  # a rotation
+
+
+@pytest.mark.parametrize("context", [0.0, 1.0])
+def test_sampling_encodes_prompts_like_the_dataset(context):
+    """A dataset's dataset.json entry rebuilds its encoder exactly (one written before the next-word term has none)."""
+    enc = HashTextEncoder(context=context)
+    desc = enc.describe()
+    if context == 0.0:
+        del desc["context"]
+    again = text_encoder_from(desc)
+    prompt = "a person in a red shirt and blue trousers waves on a green background"
+    assert torch.equal(again.encode([prompt])[0], enc.encode([prompt])[0])
 
 
 def test_wan_vae_codec_normalizes_like_wan(tmp_path):
@@ -201,3 +237,48 @@ def test_generation_with_wan_vae_and_umt5(tmp_path):
 def test_existing_output_is_not_overwritten(mini):
     with pytest.raises(FileExistsError, match="new --out"):
         _generate(mini / "a", 0)
+
+
+def test_pca_codec_keeps_the_principal_components_of_the_pixel_tokens(tmp_path):
+    """Fitted on HuMoVe-mini frames, 16 of the 48 pixel-token values decode held-out clips to within a few levels,
+    every channel has unit variance on the data it was fitted on, and the file round-trips through dataset.json."""
+    from echomotion.data.encoders import PCACodec
+
+    layer = SMPLLayer(write_synthetic_smpl_model(tmp_path / "smpl.pkl"))
+    rng = np.random.default_rng(0)
+
+    def frames(n: int) -> np.ndarray:
+        specs = [sample_spec(rng, list(ACTIONS)[i % len(ACTIONS)]) for i in range(n)]
+        return np.stack([render_clip(make_motion(layer, s, 5).joints, s.shirt, s.trousers, s.background, 32, 16)
+                         for s in specs])
+
+    fit, held = frames(40), frames(10)
+    codec = PCACodec.fit(fit, 16)
+    z = codec.encode(fit)
+    assert z.shape == (40, 16, 2, 16, 8) == (40, *codec.latent_shape(5, 32, 16))
+    torch.testing.assert_close(z.std(dim=(0, 2, 3, 4)), torch.ones(16), atol=1e-3, rtol=0)
+    error = np.abs(codec.decode(codec.encode(held)).astype(int) - held.astype(int)).mean()
+    assert error < 4.0  # of 255 levels; keeping 4 components is far worse
+    assert np.abs(PCACodec.fit(fit, 4).decode(PCACodec.fit(fit, 4).encode(held)).astype(int) - held.astype(int)).mean() > 2 * error
+    torch.testing.assert_close(codec.basis @ codec.basis.T, torch.eye(16), atol=1e-5, rtol=0)  # orthonormal components
+    codec.save(tmp_path / "codec.pt")
+    again = video_codec_from(codec.describe() | {"file": "codec.pt"}, tmp_path)
+    assert torch.equal(again.encode(held), codec.encode(held))
+    with pytest.raises(ValueError, match="1..48 components"):
+        PCACodec.fit(fit, 49)
+    with pytest.raises(FileNotFoundError, match="copy it with the shards"):
+        video_codec_from(codec.describe(), tmp_path / "elsewhere")
+
+
+def test_humove_mini_with_the_pca_codec_decodes_close_to_the_renders(tmp_path):
+    """The demo's data: --codec pca writes video_codec.pt, dataset.json names it, and the held-out videos (not fitted on)
+    decode to within a few levels of their exact renders."""
+    from echomotion.evaluate import parse_caption_colours
+
+    info = generate_humove_mini(tmp_path, clips=12, num_frames=5, height=32, width=16, codec="pca", progress=False)
+    assert info["video_codec"]["name"] == "pca" and info["latent_shape"] == [16, 2, 16, 8]
+    codec = video_codec_from(info["video_codec"], tmp_path)
+    for s in iter_samples(tmp_path / "heldout"):
+        video = codec.decode(s.video_latent[None].float())[0]
+        truth = render_clip(s.joints, *parse_caption_colours(s.caption), 32, 16)
+        assert np.abs(video.astype(int) - truth.astype(int)).mean() < 6.0

@@ -188,6 +188,7 @@ def test_state_dict_video_names_are_wans() -> None:
         (["model.rope.motion_layout=diag"], "choose 'mvs' or 'collision'"),
         (["diffusion.task_probs=[0.5,0.5,0.5]"], "summing to 1"),
         (["sample.solver=rk4"], "choose 'euler' or 'heun'"),
+        (["model.abs_pos=learned"], "choose 'none' (Wan) or 'sincos'"),
     ],
 )
 def test_invalid_configs_name_the_key(overrides: list[str], fragment: str) -> None:
@@ -206,6 +207,30 @@ def test_presets() -> None:
     assert len(dual_layer_indices(five)) == 15 and five.in_channels == 48
     with pytest.raises(ConfigError, match="unknown model preset"):
         model_preset("wan9")
+
+
+def test_position_aid_is_off_for_wan_and_adds_exactly_the_sincos_embedding() -> None:
+    """`model.abs_pos` is a toy-only aid: the Wan presets keep it off (Wan parity and checkpoint I/O unchanged, see
+    test_wan_parity.py). On, it adds the sinusoid of each token's position to the embedded tokens and nothing else: a
+    model with it equals one without it whose patch embedding / motion tokenizer output has the embedding added by hand."""
+    from echomotion.models.rope import motion_positions, sincos_embedding, video_positions
+
+    assert model_preset("wan2.1-1.3b").abs_pos == model_preset("wan2.2-5b").abs_pos == "none"
+    assert model_preset("tiny").abs_pos == "none" and load_config(ROOT / "configs/tiny.yaml").model.abs_pos == "sincos"
+    aided, plain, bare = tiny("model.abs_pos=sincos"), tiny(), tiny()
+    randomize_zero_inits(aided)
+    plain.load_state_dict(aided.state_dict())
+    bare.load_state_dict(aided.state_dict())
+    x = inputs()
+    video_pe = sincos_embedding(video_positions(3, 2, 3), 64)  # latent [3, 4, 6], patch 1x2x2 -> grid 3 x 2 x 3
+    motion_pe = sincos_embedding(motion_positions(5, 51, (0, 0), "mvs", 4.0), 64)  # (f / 4, i, i), video or not
+    plain.patch_embedding.register_forward_hook(lambda m, i, out: out + video_pe.T.reshape(1, 64, 3, 2, 3))
+    plain.motion_embed.register_forward_hook(lambda m, i, out: out + motion_pe)
+    with torch.no_grad():
+        want, got = plain(**x, task=torch.tensor([1, 1])), aided(**x, task=torch.tensor([1, 1]))
+        torch.testing.assert_close(got.video, want.video)
+        torch.testing.assert_close(got.motion, want.motion)
+        assert not torch.allclose(got.video, bare(**x, task=torch.tensor([1, 1])).video, atol=1e-3)  # it does add
 
 
 def test_flash_backend_fails_clearly_without_cuda() -> None:

@@ -4,7 +4,15 @@ import math
 import pytest
 import torch
 
-from echomotion.models.rope import apply_rope, motion_positions, rope_angles, rope_cos_sin, video_positions
+from echomotion.models.rope import (
+    apply_rope,
+    axis_dims,
+    motion_positions,
+    rope_angles,
+    rope_cos_sin,
+    sincos_embedding,
+    video_positions,
+)
 
 
 def brute_angle(pos: tuple[float, float, float], head_dim: int, pair: int, theta: float = 10000.0) -> float:
@@ -81,3 +89,18 @@ def test_apply_rope_is_complex_multiplication_of_adjacent_pairs() -> None:
     expect = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(ang), ang)[None, :, None, :])
     got = apply_rope(x, *rope_cos_sin(pos, 12))
     torch.testing.assert_close(got, expect.flatten(-2).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_embedding_matches_brute_force() -> None:
+    """The toy position aid: per axis a band of the width (Wan's split), sines then cosines of position * 100^(-j/pairs)."""
+    pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.25, 15.0, 7.0]])
+    dim = 64
+    got = sincos_embedding(pos, dim)
+    assert got.shape == (3, dim) and got.dtype == torch.float32
+    for n, p in enumerate(pos.tolist()):
+        want = []
+        for axis, width in enumerate(axis_dims(dim)):
+            pairs = width // 2
+            angles = [p[axis] * 100.0 ** (-j / pairs) for j in range(pairs)]
+            want += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+        assert got[n].tolist() == pytest.approx(want, abs=1e-6)
