@@ -88,8 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--frames", type=int, default=5, help="frames per clip (1 + 4k); 5 keeps CPU steps short")
     p.add_argument("--height", type=int, default=32)
     p.add_argument("--width", type=int, default=16, help="a portrait frame the person fills (half the tokens of 32)")
-    p.add_argument("--phase1-steps", type=int, default=400)
-    p.add_argument("--phase2-steps", type=int, default=3000)
+    p.add_argument("--phase1-steps", type=int, default=150)
+    p.add_argument("--phase2-steps", type=int, default=1300)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--samples", type=int, default=4, help="held-out prompts/clips per task")
     a = p.parse_args(argv)
@@ -118,7 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t0 = time.time()
     model = out / "echomotion-tiny.safetensors"
-    _run([sys.executable, str(ROOT / "tools/export_checkpoint.py"), "--checkpoint", str(phase2), "--out", str(model)], "export")
+    _run([sys.executable, str(ROOT / "tools/export_checkpoint.py"), "--checkpoint", str(phase2), "--out", str(model), "--ema"],
+         "export (the EMA weights)")
     timings["export"] = time.time() - t0
 
     t0 = time.time()
@@ -126,12 +127,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     timings["sampling"] = time.time() - t0
 
     t0 = time.time()
-    evaluation = None
-    evaluate = ROOT / "tools/evaluate.py"
-    if evaluate.exists():
-        _run([sys.executable, str(evaluate), "--checkpoint", str(model), "--data", str(data), "--out", str(out / "eval.json")],
-             "evaluation on held-out clips")
-        evaluation = json.loads((out / "eval.json").read_text())
+    _run([sys.executable, str(ROOT / "tools/evaluate.py"), "--checkpoint", str(model), "--data", str(data),
+          "--out", str(out / "eval.json")], "evaluation on held-out clips")
+    evaluation = json.loads((out / "eval.json").read_text())
     timings["evaluation"] = time.time() - t0
 
     loss_curve_png([("phase 1", out / "phase1"), ("phase 2", out / "phase2")], out / "loss.png")

@@ -309,9 +309,16 @@ def metrics_table(evaluation: dict[str, Any]) -> list[str]:
         if name in m:
             units.setdefault(unit, []).append(name)
     lines += ["", "Units:", ""] + [f"- {', '.join(names)}: {unit}" for unit, names in units.items()]
-    if evaluation.get("checks"):
-        lines += ["", "Reference checks (0 when the references the metrics compare against are exact): "
-                  + ", ".join(f"{k} = {v:.3g}" for k, v in evaluation["checks"].items())]
+    checks = evaluation.get("checks") or {}
+    errors = {k: v for k, v in checks.items() if not k.startswith("gt_")}
+    ceilings = {k: v for k, v in checks.items() if k.startswith("gt_")}
+    if errors:
+        lines += ["", "Reference checks, the references' own error (0 when they are exact; a lossy codec such as the "
+                  "PCA codec decodes the ground truth a few levels off): "
+                  + ", ".join(f"{k} = {v:.3g}" for k, v in errors.items())]
+    if ceilings:
+        lines += ["", "Ceilings, the ground truth scored as if it were generated: "
+                  + ", ".join(f"{k} = {v:.3g}" for k, v in ceilings.items())]
     if "v2m_mpjpe_depth_unknown" in m:
         lines += ["", "For scale: a reader that got every joint's image position exactly but no depth would score "
                   f"v2m_mpjpe_depth_unknown = {m['v2m_mpjpe_depth_unknown']:.4g} (the camera is orthographic)."]

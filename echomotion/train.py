@@ -18,10 +18,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 
 from parallel import ParallelContext, build_parallel, parallelize
 from parallel.clip import clip_grad_norm_
@@ -29,7 +30,7 @@ from parallel.comm import CommCounter
 from parallel.fp8 import fp8_autocast
 
 from .checkpoint import CheckpointManager, DCPState, StateIO, load_model_weights, read_meta, superseded_dir
-from .config import Config, load_config, to_yaml
+from .config import Config, TrainConfig, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
@@ -122,6 +123,27 @@ def load_null_text(cfg: Config) -> torch.Tensor:
     return pad_text(torch.load(path, weights_only=True), cfg.text_len).float()
 
 
+def adamw(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over all tensors in one fused call, not a per-tensor loop: over FSDP2's sharded parameters the loop cost more
+    than forward and backward (docs/PERFORMANCE.md, "The optimizer step"). Fused and multi-tensor kernels cannot mix
+    DTensors with plain tensors, which tensor parallelism without FSDP leaves (it shards only some); that mix keeps the
+    per-tensor loop, the same update."""
+    one_kind = len({isinstance(p, DTensor) for p in params}) == 1
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
+                             fused=one_kind, foreach=False)
+
+
+def ema_update(ema: dict[str, torch.Tensor], named_params: Iterable[tuple[str, torch.Tensor]], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, one multi-tensor call per kind (DTensor or plain; the kernels take no
+    mix): a per-tensor loop over sharded parameters costs more than the training step."""
+    by_kind: dict[bool, list[tuple[str, torch.Tensor]]] = {}
+    for name, p in named_params:
+        by_kind.setdefault(isinstance(p, DTensor), []).append((name, p.detach()))
+    with torch.no_grad():
+        for pairs in by_kind.values():
+            torch._foreach_lerp_([ema[n] for n, _ in pairs], [p for _, p in pairs], 1 - decay)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -139,7 +161,7 @@ class Trainer:
         self.model = parallelize(build_model(cfg, initial_weights=resume_from is None).to(env.device), self.par, cfg,
                                  env.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self.optimizer = adamw(self.trainable, t)
         self.scheduler = self._schedule(step=0)
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if t.ema_decay > 0 else None
         self.engine = None  # DeepSpeed's engine under parallel.engine=deepspeed: it owns backward, step and checkpoints
@@ -395,12 +417,8 @@ class Trainer:
         return {k: total / count if count > 0 else float("nan") for k, (total, count) in sorted(local.items())}
 
     def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        d = self.cfg.train.ema_decay
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                self.ema[n].lerp_(p.detach(), 1 - d)
+        if self.ema is not None:
+            ema_update(self.ema, self.model.named_parameters(), self.cfg.train.ema_decay)
 
     def run(self) -> None:
         t, env = self.cfg.train, self.env

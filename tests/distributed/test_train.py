@@ -25,7 +25,7 @@ from echomotion.distributed import DistEnv
 from echomotion.export import ExportError, export_checkpoint, load_exported, save_exported
 from echomotion.metrics import read_metrics
 from echomotion.models import EchoMotionDiT, is_motion_parameter
-from echomotion.train import Trainer, build_model
+from echomotion.train import Trainer, build_model, ema_update
 from tests.distributed.launch import child_env, trainer_overrides
 from tests.s3_server import free_port
 from tests.tool_scripts import load_tool
@@ -178,6 +178,18 @@ def test_nan_steps_are_skipped_and_a_streak_stops_the_run(humove: Path, tmp_path
     trainer = in_process_trainer(humove, tmp_path / "streak", "train.phase=1", "train.steps=5", "train.max_nan_streak=3")
     with pytest.raises(RuntimeError, match="3 steps in a row had a NaN/Inf"):
         trainer.run()
+
+
+def test_ema_update_is_the_exponential_average() -> None:
+    """Three updates against the recurrence written out by hand: ema_k = d * ema_(k-1) + (1 - d) * p_k."""
+    gen = torch.Generator().manual_seed(0)
+    steps = [{"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen)} for _ in range(3)]
+    ema = {k: v.clone() for k, v in steps[0].items()}
+    for params in steps[1:]:
+        ema_update(ema, params.items(), 0.9)
+    for k in ema:
+        expected = 0.9 * (0.9 * steps[0][k] + 0.1 * steps[1][k]) + 0.1 * steps[2][k]
+        torch.testing.assert_close(ema[k], expected, rtol=0, atol=1e-6)
 
 
 def test_export_round_trip_and_metrics(humove: Path, tmp_path: Path) -> None:

@@ -232,3 +232,17 @@ def test_report_sections_and_relative_links(runs, clips, tmp_path):
             "samples/m2v/grid.gif"} <= set(links)
     assert all((out / link).exists() for link in links)
     assert "| m2v_error | 30 | m2v_error_shuffled = 20 | lower | NO |" in text
+
+
+def test_the_demo_config_fits_the_demo_data_and_export():
+    """configs/demo.yaml validates, reads what the demo writes (the PCA codec's components) and keeps the EMA copy the
+    demo exports (`export_checkpoint.py --ema`); no test trains the 11-minute demo itself."""
+    import inspect
+
+    from echomotion.config import load_config
+    from echomotion.data.synthetic import generate_humove_mini
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/demo.yaml")
+    channels = inspect.signature(generate_humove_mini).parameters["codec_channels"].default
+    assert cfg.model.in_channels == cfg.model.out_channels == channels
+    assert cfg.model.abs_pos == "sincos" and cfg.train.ema_decay > 0
