@@ -155,7 +155,12 @@ class TrainConfig:
     metrics_port: int = 0  # Prometheus exporter port of local rank 0 (local rank l uses port + l, on every node); 0 = off
     metrics_addr: str = "0.0.0.0"
     peak_flops: float = 0.0  # per device, for MFU; 0 = look up the GPU (H100: 989e12), none on CPU
-    progress: bool = True  # progress bar on rank 0
+    progress: bool = True  # rank 0 reports progress: a bar on a terminal, else a plain line every print_every steps
+    print_every: int = 100  # the plain progress line where stdout is a log file (Slurm, Kubernetes), not a terminal
+    # Seconds a collective may wait for the other ranks before the job fails (PyTorch's default is 30 min, long to hold
+    # a 64-GPU job on one stuck rank). On a timeout the flight recorder dumps each rank's recent collectives to
+    # run_dir/flight_recorder/ (docs/operations.md, "A hung collective").
+    collective_timeout: float = 1800.0
     # Count collective bytes by kind (metrics `comm/<kind>_bytes`) on step 1 and every this many steps; 0 = never. A counted
     # step runs every op through a Python dispatch mode (a few us each) and torch.compile'd blocks eagerly.
     count_collectives_every: int = 50
@@ -367,11 +372,13 @@ def _train_problems(t: TrainConfig) -> list[str]:
     problems = []
     if t.phase not in (1, 2):
         problems.append(f"train.phase={t.phase}: choose 1 (motion-only pretraining) or 2 (motion-video multi-task)")
-    for key in ("steps", "checkpoint_every", "log_every", "grad_accum", "max_nan_streak"):
+    for key in ("steps", "checkpoint_every", "log_every", "print_every", "grad_accum", "max_nan_streak"):
         if getattr(t, key) < 1:
             problems.append(f"train.{key}={getattr(t, key)} must be >= 1")
     if t.count_collectives_every < 0:
         problems.append(f"train.count_collectives_every={t.count_collectives_every} must be >= 0 (0 = never)")
+    if not t.collective_timeout > 0:
+        problems.append(f"train.collective_timeout={t.collective_timeout} must be > 0 seconds (PyTorch's default is 1800)")
     if t.keep_last < 0:
         problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.lr <= 0 or t.weight_decay < 0 or t.warmup_steps < 0 or t.grad_clip < 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,9 +23,21 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+def enable_flight_recorder(folder: Path, entries: int = 2000) -> None:
+    """PyTorch's flight recorder: every rank keeps its last `entries` collectives, and a collective that times out makes
+    each rank dump them to folder/rank_<r> (op, group, sequence number, which ranks joined): the dump names the stuck
+    collective and the rank that never came. Must run before the process group exists; variables the operator set win."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", str(entries))
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(folder / "rank_"))
+
+
+def init_distributed(timeout_s: float = 1800.0, flight_recorder: Optional[Path] = None) -> DistEnv:
     """Join the process group the launcher describes (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR env, as torchrun and
-    the deepspeed launcher set them); NCCL on CUDA, gloo on CPU. Without those variables this is one process."""
+    the deepspeed launcher set them); NCCL on CUDA, gloo on CPU. Without those variables this is one process.
+    `timeout_s`: how long a collective waits for the other ranks before it fails; `flight_recorder`: where a timeout's
+    dump goes (`enable_flight_recorder`)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -33,13 +47,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        if flight_recorder is not None:
+            enable_flight_recorder(flight_recorder)
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError(f"WORLD_SIZE={world} but MASTER_ADDR is not set: launch with torchrun or the deepspeed launcher")
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
             world_size=world,
-            timeout=timedelta(minutes=timeout_minutes),
+            timeout=timedelta(seconds=timeout_s),
         )
     return DistEnv(rank, world, local_rank, device)
 

@@ -1,54 +1,22 @@
-"""What a run reports: `metrics.jsonl`, a Prometheus exporter with the same numbers, and the FLOPs model behind MFU.
+"""What a run reports: `metrics.jsonl` and a Prometheus exporter with the same numbers.
 
-FLOPs (forward, per sample) are counted analytically from the config: every matmul is 2·m·n·k. Per layer, for each
-modality stream with L_s tokens that has an expert in that layer: q/k/v/o 8·D²·L_s, cross-attention q/o 4·D²·L_s and k/v
-over the text 4·D²·L_t, FFN 4·D·F·L_s, cross-attention scores and values 4·L_s·L_t·D; plus the joint self-attention scores
-and values 4·L²·D over all L = L_v + L_m tokens of the layer. Embeddings, heads and the motion MLPs are added. Training
-costs 3× the forward (backward ≈ 2× forward; frozen Phase 1 weights still back-propagate activations, so this is kept).
-MFU = training FLOPs per second / (peak FLOPs per device × devices).
+MFU = training FLOPs per second (`echomotion.models.flops`) / (peak FLOPs per device × devices).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 from .checkpoint import superseded_dir
-from .config import ModelConfig, dual_layer_indices
 from .files import atomic_write
-from .motion.smpl import MOTION_TOKENS_PER_FRAME, POS_DIM, ROT_DIM, SHAPE_DIM, NUM_POS_TOKENS, NUM_ROT_TOKENS
 
 # Dense bf16 peak per device, for MFU (torchtitan's table).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2.25e15}
-
-
-def forward_flops(m: ModelConfig, video_tokens: int, motion_tokens: int, text_tokens: int) -> float:
-    """Forward FLOPs of one sample (see the module docstring for the formula)."""
-    d, f = m.dim, m.ffn_dim
-    dual = set(dual_layer_indices(m))
-    total = 0.0
-    for layer in range(m.num_layers):
-        streams = [video_tokens] + ([motion_tokens] if layer in dual else [])
-        streams = [s for s in streams if s > 0]
-        for ls in streams:
-            total += 8 * d * d * ls + 4 * d * d * ls + 4 * d * d * text_tokens + 4 * d * f * ls + 4 * ls * text_tokens * d
-        joint = sum(streams)
-        total += 4 * joint * joint * d
-    patch = m.patch_size[0] * m.patch_size[1] * m.patch_size[2]
-    hidden = m.motion.mlp_hidden or d
-    total += 2 * video_tokens * d * (m.in_channels * patch + m.out_channels * patch)  # patch embedding + head
-    total += 2 * text_tokens * (m.text_dim * d + d * d)  # text embedding
-    if motion_tokens:
-        frames = motion_tokens / MOTION_TOKENS_PER_FRAME
-        per_frame_in = NUM_POS_TOKENS * POS_DIM + NUM_ROT_TOKENS * ROT_DIM + SHAPE_DIM
-        total += 2 * 2 * frames * (per_frame_in * hidden + MOTION_TOKENS_PER_FRAME * hidden * d)  # in + out MLPs
-    return total
-
-
-def training_flops(m: ModelConfig, video_tokens: int, motion_tokens: int, text_tokens: int) -> float:
-    return 3.0 * forward_flops(m, video_tokens, motion_tokens, text_tokens)
 
 
 def peak_flops_per_device(configured: float) -> Optional[float]:
@@ -61,6 +29,45 @@ def peak_flops_per_device(configured: float) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class ProgressReport:
+    """Rank 0's progress: a bar on a terminal; where stdout is a log file (Slurm, Kubernetes, a launcher's pipe), which a
+    bar fills with carriage returns, one plain line every `every` steps and at the last step."""
+
+    def __init__(self, desc: str, total: int, initial: int, every: int, stream: TextIO = sys.stdout):
+        self.desc, self.total, self.every, self.stream = desc, total, every, stream
+        self.first, self.start = initial, time.monotonic()
+        self.bar = None
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=stream)
+
+    def update(self, rec: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            return
+        step = rec["step"]
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / (step - self.first) * (self.total - step) if step > self.first else math.nan
+        print(f"[echomotion] {self.desc} step {step}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+              f"{rec['samples_per_s']:.2f} samples/s elapsed {_clock(elapsed)} eta {_clock(eta)}", file=self.stream,
+              flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsLog:

@@ -35,8 +35,10 @@ from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
 from .distributed import DistEnv, any_rank, init_distributed, shutdown
-from .metrics import MetricsLog, PrometheusExporter, peak_flops_per_device, training_flops
+from .metrics import MetricsLog, ProgressReport, PrometheusExporter, peak_flops_per_device
 from .models import EchoMotionDiT, is_motion_parameter
+from .models.flops import training_flops
+from .models.wan_io import load_wan
 from .motion.smpl import MOTION_TOKENS_PER_FRAME
 
 NAN_FAULT_ENV = "ECHOMOTION_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose loss is replaced by NaN
@@ -67,7 +69,7 @@ def build_model(cfg: Config, initial_weights: bool = True) -> EchoMotionDiT:
         )
     torch.manual_seed(t.seed)
     if t.init_wan and initial_weights:
-        model = EchoMotionDiT.from_wan(t.init_wan, config=cfg.model)
+        model = load_wan(t.init_wan, cfg.model)
     else:
         model = EchoMotionDiT(cfg.model)
     if t.init_from and initial_weights:
@@ -424,11 +426,7 @@ class Trainer:
         t, env = self.cfg.train, self.env
         signal.signal(signal.SIGTERM, self._on_sigterm)
         batches = self._batches()
-        bar = None
-        if env.is_main and t.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=t.steps, initial=self.step, desc=f"phase {t.phase}", dynamic_ncols=True, file=sys.stdout)
+        progress = ProgressReport(f"phase {t.phase}", t.steps, self.step, t.print_every) if env.is_main and t.progress else None
         saved_at = self.step
         while self.step < t.steps:
             rec = self.train_step(batches)
@@ -436,9 +434,8 @@ class Trainer:
                 self.exporter.observe_step(rec, job_level=env.is_main)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self.log.write(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+            if progress is not None:
+                progress.update(rec)
             stop = any_rank(self.stop_requested, env.world_size, env.device)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps or stop:
                 self.save()
@@ -449,8 +446,8 @@ class Trainer:
                 break
         if saved_at != self.step:
             self.save()
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
@@ -467,7 +464,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    env = init_distributed()
+    env = init_distributed(cfg.train.collective_timeout, Path(cfg.train.run_dir) / "flight_recorder")
     try:
         Trainer(cfg, env).run()
     except BaseException:

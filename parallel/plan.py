@@ -32,7 +32,7 @@ each checkpointed block's input residual stream(s) and, in the backward, the rec
 allocator fragmentation and backward temporaries, left to `reserve_gib`.
 
 Step time = compute + exposed communication, one micro-batch per data-parallel rank (no gradient accumulation).
-- compute: `echomotion.metrics.training_flops` per sample (3x forward) plus one forward of each checkpointed block,
+- compute: `echomotion.models.flops.training_flops` per sample (3x forward) plus one forward of each checkpointed block,
   over tp x sp GPUs at `peak_flops x mfu` (an assumed utilization).
 - FSDP: all-gather of parameters (param_dtype) in the forward and again in the backward, reduce-scatter of gradients
   (reduce_dtype), each moving (n - 1) / n of the TP-local parameters per GPU; HSDP adds a ring all-reduce of the
@@ -60,7 +60,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from echomotion.config import ModelConfig, dual_layer_indices
-from echomotion.metrics import forward_flops, training_flops
 from echomotion.motion.smpl import (
     MOTION_FEATURE_DIM,
     MOTION_TOKENS_PER_FRAME,
@@ -71,6 +70,7 @@ from echomotion.motion.smpl import (
     SHAPE_DIM,
 )
 from echomotion.models.echomotion import Task
+from echomotion.models.flops import forward_flops, training_flops
 
 from .activation import AC_MODES, checkpointed_blocks
 from .mesh import Layout
@@ -430,7 +430,7 @@ def _outside_blocks(m: ModelConfig, w: Workload, video: int, motion: int, text: 
 
 # ----------------------------------------------------------------------------------------------------------- time
 def layer_forward_flops(m: ModelConfig, video: int, motion: int, text: int) -> list[float]:
-    """Forward FLOPs of each block for one sample, from `echomotion.metrics.forward_flops` (a one-layer model minus
+    """Forward FLOPs of each block for one sample, from `echomotion.models.flops.forward_flops` (a one-layer model minus
     a zero-layer one, so embeddings and heads cancel)."""
     def flops(layers: int, dual: str) -> float:
         return forward_flops(dataclasses.replace(m, num_layers=layers, dual_layers=dual), video, motion, text)

@@ -7,7 +7,7 @@ Workloads (batch 1, text context of 512 tokens already embedded to the model wid
 - wan2.2-5b: 121 x 704 x 1280 video -> latent 31 x 44 x 80 -> 31 x 22 x 40 = 27,280 video tokens, + 121 x 51 = 6,171 motion
   tokens = 33,451 tokens.
 
-FLOPs are `parallel.plan.layer_forward_flops`, i.e. `echomotion.metrics.forward_flops` (the trainer's MFU formula) for a
+FLOPs are `parallel.plan.layer_forward_flops`, i.e. `echomotion.models.flops.forward_flops` (the trainer's MFU formula) for a
 one-layer model minus a zero-layer one. Every matmul is 2*m*n*k; per expert with L_s tokens (dim D, FFN width F, text
 L_t): q/k/v/o 8*D^2*L_s, cross-attention q/o 4*D^2*L_s and k/v 4*D^2*L_t, FFN 4*D*F*L_s, cross-attention scores and
 values 4*L_s*L_t*D; plus the joint self-attention scores and values 4*L^2*D over all L = L_v + L_m tokens. Norms,

@@ -1,6 +1,6 @@
 """Forward + backward time of EchoMotionDiT's video-only path vs diffusers' WanTransformer3DModel, identical weights, fp32.
 
-The diffusers model is built at random, saved, and loaded into ours with `from_wan`, so both run the same function (outputs are
+The diffusers model is built at random, saved, and loaded into ours with `load_wan`, so both run the same function (outputs are
 checked to agree before timing). The two are timed alternately, repeat by repeat, so machine noise hits both alike. Besides
 wall time it reports process CPU time, which other processes on a shared machine disturb far less (exact with --threads 1;
 with more threads it includes OpenMP spin-waiting).
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from echomotion.models import EchoMotionDiT  # noqa: E402
-from echomotion.models.wan_io import wan_config  # noqa: E402
+from echomotion.models.wan_io import load_wan, wan_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +66,7 @@ def build_models(a: argparse.Namespace):
     )
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = EchoMotionDiT.from_wan(tmp, wan_config(tmp, dual_layers=a.dual_layers))
+        ours = load_wan(tmp, wan_config(tmp, dual_layers=a.dual_layers))
     return ref.train(), ours.train()
 
 

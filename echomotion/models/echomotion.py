@@ -12,7 +12,6 @@ motion [B, F_m, 235] and video None when no video was given.
 from __future__ import annotations
 
 from enum import IntEnum
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -290,13 +289,6 @@ class EchoMotionDiT(nn.Module):
         return x + sincos_embedding(positions, x.shape[-1]).to(device=x.device, dtype=x.dtype)
 
     # ---------------------------------------------------------------------------------------------- pretrained weights
-    @classmethod
-    def from_wan(cls, path: str | Path, config: Optional[ModelConfig] = None) -> "EchoMotionDiT":
-        """Build from a pretrained Wan checkpoint (original or diffusers layout); see `wan_io.load_wan`."""
-        from .wan_io import load_wan
-
-        return load_wan(cls, path, config)
-
     def copy_video_experts_to_motion(self) -> None:
         """Initialize every motion expert as a copy of its layer's video expert (paper A.8.2)."""
         with torch.no_grad():

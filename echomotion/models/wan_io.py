@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, ModelConfig, validate
 from ..files import atomic_write
+from .echomotion import EchoMotionDiT, is_motion_parameter
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 ORIGINAL_CLASS = "WanModel"
@@ -327,8 +328,6 @@ def _original_names(ckpt: WanCheckpoint) -> dict[str, str]:
 
 def video_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The video path (everything Wan has) in Wan's original names: the model's state dict minus motion-only entries."""
-    from .echomotion import is_motion_parameter
-
     return {k: v for k, v in model.state_dict().items() if not is_motion_parameter(k)}
 
 
@@ -353,8 +352,8 @@ def _check_keys(ckpt: WanCheckpoint, names: dict[str, str], expected: dict[str, 
         )
 
 
-def load_wan(cls: type, path: str | Path, config: Optional[ModelConfig] = None) -> nn.Module:
-    """Build `cls(config)` with its video path from a Wan checkpoint and its motion experts copied from the video experts.
+def load_wan(path: str | Path, config: Optional[ModelConfig] = None) -> EchoMotionDiT:
+    """Build `EchoMotionDiT(config)` with its video path from a Wan checkpoint and its motion experts copied from the video experts.
 
     `config=None` infers it from the checkpoint (`dual_layers="all"`; use `wan_config` to start from the inferred config and
     change it). Every key and shape is checked before any tensor is read; tensors are then copied one at a time. The motion
@@ -371,7 +370,7 @@ def load_wan(cls: type, path: str | Path, config: Optional[ModelConfig] = None) 
                 f"{ckpt.path} declares {declared} attention heads but model.num_heads={config.num_heads}; "
                 f"set model.num_heads={declared}"
             )
-        model = cls(config)
+        model = EchoMotionDiT(config)
         expected = video_state_dict(model)
         _check_keys(ckpt, names, expected)
         with torch.no_grad():

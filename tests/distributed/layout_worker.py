@@ -83,11 +83,27 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--save-at", type=int, default=0, help="write a checkpoint after this step")
+    ap.add_argument("--phases", default="", help="comma-separated phases run one after another in this process group "
+                    "(each in run_dir/phase<N>); OUT then maps phase -> record. Default: the config's phase alone")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
-    cfg = load_config(ROOT / "configs/tiny.yaml", args.overrides)
     env = init_distributed()
+    if args.phases:
+        record = {}
+        for phase in map(int, args.phases.split(",")):
+            overrides = [f"{o}/phase{phase}" if o.startswith("train.run_dir=") else o for o in args.overrides]
+            record[phase] = run(load_config(ROOT / "configs/tiny.yaml", [*overrides, f"train.phase={phase}"]), env, args)
+    else:
+        record = run(load_config(ROOT / "configs/tiny.yaml", args.overrides), env, args)
+    if env.is_main:
+        torch.save(record, args.out)
+    print(f"rank {env.rank} done", flush=True)
+    shutdown()
+
+
+def run(cfg, env, args: argparse.Namespace) -> dict:
+    """The steps of one training run under this process group: its record (complete on rank 0)."""
     trainer = Trainer(cfg, env)
     ranks = trainer.par.layout.dp
     record: dict = {"loss": {}, "grad_norm": {}, "tasks": set(), "layout": trainer.par.layout}
@@ -135,10 +151,7 @@ def main() -> None:
         torch.distributed.all_gather_object(every, mine)
         mine = max(every)
     record["state_bytes"] = mine
-    if env.is_main:
-        torch.save(record, args.out)
-    print(f"rank {env.rank} done", flush=True)
-    shutdown()
+    return record
 
 
 if __name__ == "__main__":

@@ -68,8 +68,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def run_layout(assets: list[str], out: Path, nproc: int, *extra: str, steps: int = 3, save_at: int = 0,
-               env: Optional[dict[str, str]] = None) -> dict:
-    args = ["--steps", str(steps), "--save-at", str(save_at), str(out), *assets, f"train.run_dir={out.with_suffix('')}", *extra]
+               env: Optional[dict[str, str]] = None, phases: tuple[int, ...] = ()) -> dict:
+    """One launch of the worker; with `phases`, those phases one after another in the same processes (a launch costs
+    more than the steps on 2 cores) and a record per phase."""
+    args = ["--steps", str(steps), "--save-at", str(save_at), "--phases", ",".join(map(str, phases)), str(out), *assets,
+            f"train.run_dir={out.with_suffix('')}", *extra]
     if nproc == 1:
         proc = subprocess.run([sys.executable, str(WORKER), *args], env=child_env(env), cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
@@ -82,7 +85,7 @@ def run_layout(assets: list[str], out: Path, nproc: int, *extra: str, steps: int
 @pytest.fixture(scope="module")
 def reference(assets: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
     root = tmp_path_factory.mktemp("reference")
-    return {phase: run_layout(assets, root / f"phase{phase}.pt", 1, f"train.phase={phase}", steps=4) for phase in (1, 2)}
+    return run_layout(assets, root / "reference.pt", 1, steps=4, phases=(1, 2))
 
 
 def assert_same_steps(got: dict, want: dict, steps) -> None:
@@ -105,25 +108,30 @@ def assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Te
     assert total <= GRAD_TOL
 
 
-@pytest.mark.parametrize("phase", [1, 2])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_one_process(name: str, phase: int, assets: list[str], reference: dict, tmp_path: Path) -> None:
+def test_layout_matches_one_process(name: str, assets: list[str], reference: dict, tmp_path: Path) -> None:
+    """Phase 1, then Phase 2, in one launch of the layout, each against one process."""
     nproc, extra = LAYOUTS[name]
-    got = check_layout(nproc, extra, phase, assets, reference, tmp_path)
-    want = reference[phase]
-
-    shards = got["layout"].shard_group  # HSDP: each replica group holds one copy split this many ways
-    if shards > 1:  # FSDP: parameter + gradient + optimizer bytes split N ways (padding aside)
-        per_rank, single = got["state_bytes"], want["state_bytes"]
-        print(f"{name} phase {phase}: {per_rank} B per rank vs {single} B in one process / {shards} = {single / shards:.0f}")
-        assert per_rank <= 1.05 * single / shards
+    runs = run_layout(assets, tmp_path / "run.pt", nproc, *extra, phases=(1, 2))
+    for phase, got in runs.items():
+        check_record(got, reference[phase], phase, extra)
+        shards = got["layout"].shard_group  # HSDP: each replica group holds one copy split this many ways
+        if shards > 1:  # FSDP: parameter + gradient + optimizer bytes split N ways (padding aside)
+            per_rank, single = got["state_bytes"], reference[phase]["state_bytes"]
+            print(f"{name} phase {phase}: {per_rank} B per rank vs {single} B in one process / {shards} = "
+                  f"{single / shards:.0f}")
+            assert per_rank <= 1.05 * single / shards, f"phase {phase}"
 
 
 def check_layout(nproc: int, extra: list[str], phase: int, assets: list[str], reference: dict, tmp_path: Path) -> dict:
-    """Three steps under the layout against one process: losses, grad norms, step-1 gradients, the tasks drawn, and the
-    all-to-all bytes of the Ulysses seam (0 without SP). Returns the run's record."""
+    """Three steps of one phase under the layout against one process (`check_record`). Returns the run's record."""
     got = run_layout(assets, tmp_path / "run.pt", nproc, f"train.phase={phase}", *extra)
-    want = reference[phase]
+    check_record(got, reference[phase], phase, extra)
+    return got
+
+
+def check_record(got: dict, want: dict, phase: int, extra: list[str]) -> None:
+    """Losses, grad norms, step-1 gradients, the tasks drawn, and the all-to-all bytes of the Ulysses seam (0 without SP)."""
     worst = max(abs(got["loss"][s] / want["loss"][s] - 1) for s in (1, 2, 3))
     norm = torch.sqrt(sum(g.double().square().sum() for g in want["grads"].values()))
     total = float(torch.sqrt(sum((got["grads"][k] - want["grads"][k]).double().square().sum() for k in want["grads"])) / norm)
@@ -132,7 +140,6 @@ def check_layout(nproc: int, extra: list[str], phase: int, assets: list[str], re
     assert_same_gradients(got["grads"], want["grads"])
     assert got["tasks"] == want["tasks"] == ({"t2m"} if phase == 1 else {"joint", "m2v", "v2m"})
     assert got["comm"]["comm/all_to_all_bytes"] == ulysses_bytes(got["layout"], phase)
-    return got
 
 
 def ulysses_bytes(layout, phase: int) -> int:

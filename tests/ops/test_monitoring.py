@@ -174,3 +174,22 @@ def _ready(base: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def test_progress_in_a_log_file_is_a_plain_line_every_n_steps() -> None:
+    """Where stdout is not a terminal (Slurm, Kubernetes), rank 0 prints one line every `every` steps and at the last,
+    with that step's numbers, instead of a bar's carriage returns; a resumed run counts its rate from where it resumed."""
+    import io
+
+    from echomotion.metrics import ProgressReport
+
+    out = io.StringIO()
+    report = ProgressReport("phase 2", total=250, initial=40, every=100, stream=out)
+    for step in range(41, 251):
+        report.update({"step": step, "loss": 1.0 / step, "lr": 2e-3, "samples_per_s": 8.0})
+    report.close()
+    lines = out.getvalue().splitlines()
+    assert [re.search(r"phase 2 step (\d+)/250 ", line)[1] for line in lines] == ["100", "200", "250"]
+    assert "\r" not in out.getvalue()
+    assert "loss 0.0100 lr 0.002 8.00 samples/s" in lines[0]
+    assert re.search(r"eta \d+:\d\d:\d\d$", lines[0]) and lines[-1].endswith("eta 0:00:00")

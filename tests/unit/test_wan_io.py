@@ -14,6 +14,7 @@ from echomotion.models import wan_io
 from echomotion.models.wan_io import (
     WanCheckpointError,
     diffusers_to_original_key,
+    load_wan,
     original_to_diffusers_key,
     save_wan,
     video_state_dict,
@@ -82,27 +83,27 @@ def test_original_wan_directory_with_shards_and_config(model, original_state, tm
     (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"not the DiT")  # Wan ships the VAE and T5 next to the DiT
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "WanModel", "num_heads": 2, "text_len": 512, "eps": 1e-6}))
-    loaded = EchoMotionDiT.from_wan(tmp_path)
+    loaded = load_wan(tmp_path)
     assert same_video_path(loaded, model)
     assert loaded.config.num_heads == 2 and loaded.config.text_len == 512 and loaded.config.dual_layers == "all"
 
 
 def test_pth_file_and_pth_index(model, original_state, tmp_path):
     torch.save(original_state, tmp_path / "wan.pth")
-    assert same_video_path(EchoMotionDiT.from_wan(tmp_path / "wan.pth", TINY), model)
+    assert same_video_path(load_wan(tmp_path / "wan.pth", TINY), model)
     keys = sorted(original_state)
     torch.save({k: original_state[k] for k in keys[:5]}, tmp_path / "a.pth")
     torch.save({k: original_state[k] for k in keys[5:]}, tmp_path / "b.pth")
     index = {"weight_map": {k: ("a.pth" if i < 5 else "b.pth") for i, k in enumerate(keys)}}
     (tmp_path / "wan.pth.index.json").write_text(json.dumps(index))
-    assert same_video_path(EchoMotionDiT.from_wan(tmp_path / "wan.pth.index.json", TINY), model)
+    assert same_video_path(load_wan(tmp_path / "wan.pth.index.json", TINY), model)
 
 
 def test_inferred_config_and_dual_layers(model, tmp_path):
     file = save_wan(model, tmp_path / "wan.safetensors", dtype=torch.bfloat16)
     cfg = wan_config(file, dual_layers="even")
     assert (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.freq_dim, cfg.text_dim) == (64, 96, 2, 2, 32, 32)
-    loaded = EchoMotionDiT.from_wan(file, cfg)
+    loaded = load_wan(file, cfg)
     assert loaded.dual_layers == [0]
     assert loaded.blocks[0].self_attn.q.weight.dtype == torch.float32  # bf16 on disk, fp32 master weights
     assert torch.equal(loaded.blocks[0].self_attn.q.weight, model.blocks[0].self_attn.q.weight.bfloat16().float())
@@ -126,7 +127,7 @@ def test_missing_unexpected_and_mismatched_keys_are_named(original_state, tmp_pa
     state["blocks.0.ffn.0.weight"] = torch.zeros(97, 64)
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(WanCheckpointError) as e:
-        EchoMotionDiT.from_wan(tmp_path / "bad.safetensors", TINY)
+        load_wan(tmp_path / "bad.safetensors", TINY)
     msg = str(e.value)
     assert "missing keys" in msg and "blocks.1.cross_attn.norm_k.weight" in msg
     assert "unexpected keys" in msg and "blocks.0.extra.weight" in msg
@@ -137,9 +138,9 @@ def test_config_that_does_not_fit_names_key_and_shapes(model, tmp_path):
     file = save_wan(model, tmp_path / "wan.safetensors")
     wrong = ModelConfig(**{**TINY.__dict__, "text_dim": 48})
     with pytest.raises(WanCheckpointError, match=r"text_embedding\.0\.weight: checkpoint \[64, 32\] vs model \[64, 48\]"):
-        EchoMotionDiT.from_wan(file, wrong)
+        load_wan(file, wrong)
     with pytest.raises(WanCheckpointError, match="declares 2 attention heads but model.num_heads=4"):
-        EchoMotionDiT.from_wan(file, ModelConfig(**{**TINY.__dict__, "num_heads": 4}))
+        load_wan(file, ModelConfig(**{**TINY.__dict__, "num_heads": 4}))
 
 
 def test_diffusers_unknown_keys_show_both_names(model, tmp_path):
@@ -148,26 +149,26 @@ def test_diffusers_unknown_keys_show_both_names(model, tmp_path):
     state["blocks.0.attn1.to_qkv.weight"] = torch.zeros(3)
     save_file(state, str(folder / wan_io.WEIGHTS_NAME))
     with pytest.raises(WanCheckpointError, match=r"blocks\.0\.attn1\.to_qkv\.weight"):
-        EchoMotionDiT.from_wan(folder)
+        load_wan(folder)
 
 
 @pytest.mark.parametrize("image_key", ["blocks.0.cross_attn.k_img.weight", "img_emb.proj.0.weight"])
 def test_image_to_video_checkpoint_is_refused_by_name(original_state, tmp_path, image_key):
     save_file({**original_state, image_key: torch.zeros(4)}, str(tmp_path / "i2v.safetensors"))
     with pytest.raises(WanCheckpointError, match=rf"not supported.*{image_key.replace('.', chr(92) + '.')}"):
-        EchoMotionDiT.from_wan(tmp_path / "i2v.safetensors", TINY)
+        load_wan(tmp_path / "i2v.safetensors", TINY)
 
 
 def test_unrecognized_inputs(tmp_path):
     with pytest.raises(FileNotFoundError):
-        EchoMotionDiT.from_wan(tmp_path / "nope")
+        load_wan(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(WanCheckpointError, match="no Wan weights"):
-        EchoMotionDiT.from_wan(tmp_path / "empty")
+        load_wan(tmp_path / "empty")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
     with pytest.raises(WanCheckpointError, match="AutoencoderKLWan, not a Wan transformer"):
-        EchoMotionDiT.from_wan(tmp_path / "vae")
+        load_wan(tmp_path / "vae")
 
 
 # -------------------------------------------------------------------------------------------------------------- saving

@@ -31,7 +31,7 @@ from diffusers.utils import is_accelerate_available  # noqa: E402
 
 from echomotion.models import EchoMotionDiT, Prediction  # noqa: E402
 from echomotion.models.wan import sinusoidal_embedding  # noqa: E402
-from echomotion.models.wan_io import diffusers_to_original_key, save_wan  # noqa: E402
+from echomotion.models.wan_io import diffusers_to_original_key, load_wan, save_wan  # noqa: E402
 from echomotion.motion.smpl import MOTION_FEATURE_DIM  # noqa: E402
 
 EXACT_TOLERANCE = 1e-6  # vs diffusers with Wan's float64 timestep sinusoid
@@ -111,7 +111,7 @@ def loaded(request, tmp_path_factory):
     ref = diffusers_model(case, seed=CASES.index(case))
     folder = tmp_path_factory.mktemp(case.name)
     ref.save_pretrained(folder)
-    ours = EchoMotionDiT.from_wan(folder).eval()
+    ours = load_wan(folder).eval()
     return case, ref, ours, folder
 
 
@@ -199,7 +199,7 @@ def test_unmodified_diffusers_within_1e5_at_every_timestep(case: Case, tmp_path:
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.save_pretrained(tmp_path)
-    errs = errors(case, ref, EchoMotionDiT.from_wan(tmp_path).eval())
+    errs = errors(case, ref, load_wan(tmp_path).eval())
     print(f"\n{case.name} at diffusers' init: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert max(errs.values()) <= TOLERANCE, errs
 
@@ -224,7 +224,7 @@ def test_gradients_match_diffusers(loaded):
 def test_original_format_roundtrip(loaded, tmp_path):
     case, ref, ours, _ = loaded
     file = save_wan(ours, tmp_path / "wan.safetensors", layout="original")
-    again = EchoMotionDiT.from_wan(file).eval()  # config (incl. head count) read back from the file's header
+    again = load_wan(file).eval()  # config (incl. head count) read back from the file's header
     video, text = inputs(case)
     t = torch.tensor([1000, 3, 999][: case.batch])
     with torch.no_grad():
@@ -269,6 +269,6 @@ def test_pipeline_folder_and_sharded_checkpoint(loaded, tmp_path):
     case, ref, ours, _ = loaded
     ref.save_pretrained(tmp_path / "pipe" / "transformer", max_shard_size="20KB")
     assert list((tmp_path / "pipe" / "transformer").glob("*.index.json"))
-    again = EchoMotionDiT.from_wan(tmp_path / "pipe")
+    again = load_wan(tmp_path / "pipe")
     want = ours.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in again.state_dict().items() if not k.startswith(("motion_", "task_hint")))
