@@ -5,6 +5,7 @@ validation and the same actionable errors.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,9 @@ class TrainConfig:
     metrics_addr: str = "0.0.0.0"
     peak_flops: float = 0.0  # per device, for MFU; 0 = look up the GPU (H100: 989e12), none on CPU
     progress: bool = True  # rank 0 reports progress: a bar on a terminal, else a plain line every print_every steps
+    # Where each step record goes: "jsonl" (metrics.jsonl, which resume and the tools read; always kept) and optionally
+    # "tensorboard" (run_dir/tensorboard: scalars and the resolved config; needs the tensorboard package)
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     print_every: int = 100  # the plain progress line where stdout is a log file (Slurm, Kubernetes), not a terminal
     # Seconds a collective may wait for the other ranks before the job fails (PyTorch's default is 30 min, long to hold
     # a 64-GPU job on one stuck rank). On a timeout the flight recorder dumps each rank's recent collectives to
@@ -368,6 +372,21 @@ def _data_problems(d: DataConfig) -> list[str]:
     return problems
 
 
+LOGGERS = ("jsonl", "tensorboard")
+
+
+def _logger_problems(loggers: list[str]) -> list[str]:
+    unknown = [x for x in loggers if x not in LOGGERS]
+    if unknown:
+        return [f"train.loggers={list(loggers)}: unknown {unknown}; choose from {list(LOGGERS)}"]
+    if "jsonl" not in loggers:
+        return [f"train.loggers={list(loggers)} must keep 'jsonl': metrics.jsonl is what resume and the tools read"]
+    if "tensorboard" in loggers and importlib.util.find_spec("tensorboard") is None:
+        return ["train.loggers includes 'tensorboard' but the tensorboard package is not installed: "
+                "pip install 'echomotion[loggers]' (or drop it from train.loggers)"]
+    return []
+
+
 def _train_problems(t: TrainConfig) -> list[str]:
     problems = []
     if t.phase not in (1, 2):
@@ -377,6 +396,7 @@ def _train_problems(t: TrainConfig) -> list[str]:
             problems.append(f"train.{key}={getattr(t, key)} must be >= 1")
     if t.count_collectives_every < 0:
         problems.append(f"train.count_collectives_every={t.count_collectives_every} must be >= 0 (0 = never)")
+    problems += _logger_problems(t.loggers)
     if not t.collective_timeout > 0:
         problems.append(f"train.collective_timeout={t.collective_timeout} must be > 0 seconds (PyTorch's default is 1800)")
     if t.keep_last < 0:

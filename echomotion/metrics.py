@@ -106,6 +106,44 @@ class MetricsLog:
             fh.write(json.dumps(clean) + "\n")
 
 
+class TensorBoardLog:
+    """The step records as TensorBoard scalars (one tag per numeric field, e.g. `loss/joint/video`) in
+    run_dir/tensorboard, written by rank 0, with the resolved config as text at the start. A resumed run drops the events
+    past the step it resumed from (`purge_step`), as MetricsLog does for its lines."""
+
+    def __init__(self, run_dir: str | Path, config_yaml: str, resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1, flush_secs=30)
+        self.writer.add_text("config", "```\n" + config_yaml + "\n```", global_step=resume_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, global_step=record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class StepLoggers:
+    """Every logger a step record goes to (`train.loggers`), built by rank 0; the other ranks log nothing."""
+
+    def __init__(self, loggers: list[str], run_dir: str | Path, config_yaml: str, enabled: bool, resume_step: int = 0,
+                 archive: Optional[Path] = None):
+        self.jsonl = MetricsLog(run_dir, enabled, resume_step, archive)
+        self.extra = [TensorBoardLog(run_dir, config_yaml, resume_step)] if enabled and "tensorboard" in loggers else []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(record)
+        for logger in self.extra:
+            logger.write(record)
+
+    def close(self) -> None:
+        for logger in self.extra:
+            logger.close()
+
+
 def _parse(line: str) -> Optional[dict[str, Any]]:
     """One metrics line, or None for a line a crash tore mid-write."""
     try:

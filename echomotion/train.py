@@ -35,7 +35,7 @@ from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
 from .distributed import DistEnv, any_rank, init_distributed, shutdown
-from .metrics import MetricsLog, ProgressReport, PrometheusExporter, peak_flops_per_device
+from .metrics import ProgressReport, PrometheusExporter, StepLoggers, peak_flops_per_device
 from .models import EchoMotionDiT, is_motion_parameter
 from .models.flops import training_flops
 from .models.wan_io import load_wan
@@ -183,7 +183,7 @@ class Trainer:
         archive = superseded_dir(self.run_dir, self.step)
         if env.is_main:
             self._supersede_newer(archive)
-        self.log = MetricsLog(self.run_dir, env.is_main, resume_step=self.step, archive=archive)
+        self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive)
         self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
         if self.exporter and resumed is not None:  # the checkpoint a preemption would fall back to
             self.exporter.restarts.inc(self.restarts)
@@ -446,6 +446,7 @@ class Trainer:
                 break
         if saved_at != self.step:
             self.save()
+        self.log.close()
         if progress is not None:
             progress.close()
 

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from echomotion.checkpoint import CheckpointManager
-from echomotion.config import load_config, to_yaml
+from echomotion.config import ConfigError, load_config, to_yaml
 from echomotion.data.synthetic import generate_humove_mini
 from echomotion.diffusion.sampler import sample
 from echomotion.distributed import DistEnv
@@ -190,6 +190,32 @@ def test_ema_update_is_the_exponential_average() -> None:
     for k in ema:
         expected = 0.9 * (0.9 * steps[0][k] + 0.1 * steps[1][k]) + 0.1 * steps[2][k]
         torch.testing.assert_close(ema[k], expected, rtol=0, atol=1e-6)
+
+
+def test_tensorboard_holds_the_step_records_and_the_config(humove: Path, tmp_path: Path) -> None:
+    """`train.loggers=[jsonl,tensorboard]`: TensorBoard's own reader finds every numeric field of every step that
+    metrics.jsonl holds, at the same step and value, and the resolved config as text. After a resume from step 2, the
+    reader shows step 3 once, with the resumed run's value, as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ("train.phase=2", "train.loggers=[jsonl,tensorboard]", "train.checkpoint_every=2")
+    in_process_trainer(humove, tmp_path, *extra, "train.steps=3").run()
+    in_process_trainer(humove, tmp_path, *extra, "train.steps=4").run()  # resumes from step 2: step 3 is written again
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "loss/video"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        want = [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in records if r.get(key) is not None]
+        assert logged == want and len(want) >= 2, key
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_loggers_are_checked_at_load() -> None:
+    for loggers, message in (("[tensorboard]", "must keep 'jsonl'"), ("[jsonl,mlflow]", r"unknown \['mlflow'\]")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs/tiny.yaml", [f"train.loggers={loggers}"])
 
 
 def test_export_round_trip_and_metrics(humove: Path, tmp_path: Path) -> None:
