@@ -1,11 +1,16 @@
-"""Sharded, crash-safe checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded, crash-safe checkpoints with torch.distributed.checkpoint (DCP), and the train state a run resumes with.
 
-Layout: `run_dir/checkpoints/step-00000004/` holds the DCP shards of model + optimizer (+ EMA) (or, under
-`parallel.engine=deepspeed`, DeepSpeed's own files in a `deepspeed/` sub-folder), one `extra-rank00000.pt` per
-rank (RNG states, data-loader state) and `meta.json` (step, world size, layout, config, skipped-step counters). Every rank writes into
-`step-N.partial/`; only after all ranks have finished does rank 0 write `meta.json` and rename the folder to `step-N`, so a
-crash or kill during a save leaves a `.partial` folder that `latest()` never picks. DCP reshards on load, so a checkpoint
-written under one parallel layout loads under another.
+Layout: `run_dir/checkpoints/step-00000004/` holds the engine's shards of model + optimizer (+ EMA) (DCP's files, or under
+`parallel.engine=deepspeed` DeepSpeed's own in a `deepspeed/` sub-folder), one `extra-rank00000.pt` per rank (RNG states,
+data-loader state) and `meta.json` (the `TrainState` counters, world size, layout, config, loader state). Every rank writes
+into `step-N.partial/`; only after all ranks have finished does rank 0 write `meta.json` and rename the folder to
+`step-N`, so a crash or kill during a save leaves a `.partial` folder that `latest()` never picks. DCP reshards on load, so
+a checkpoint written under one parallel layout loads under another.
+
+Async saves (`train.async_checkpoint`): DCP copies the shards to host memory while training waits (the blocked time), then
+one background thread writes them, the extra files and, after a barrier on a gloo group of its own, the meta and rename:
+the same protocol, off the training thread. At most one save is in flight: the next save, SIGTERM and the end of training
+wait for it. A background failure is raised at the next step (`poll`), naming the folder and the cause.
 
 A run that continues from an older step than its newest checkpoint (`train.resume=<folder>`, or `never` in a used
 run_dir) moves the newer checkpoints to `run_dir/superseded/` (`supersede_after`): they belong to an abandoned timeline,
@@ -13,32 +18,43 @@ and left in place they would collide with new saves, be deleted by keep-last, or
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import re
 import shutil
-import signal
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from parallel.engine import DEEPSPEED_TAG, StateIO
+
+from .faults import Faults
 
 # DCP says so every time it runs without a process group (a single process), which is a supported use here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-FAULT_ENV = "ECHOMOTION_FAULT_KILL_DURING_SAVE"  # test hook: "STEP" -> SIGKILL this process mid-save at that step
 
 
-def _barrier() -> None:
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or resumed; the message names the folder, the cause and what to do."""
+
+
+def _barrier(group: Optional[dist.ProcessGroup] = None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,11 +81,65 @@ def superseded_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "superseded" / f"from-step-{step:08d}-{time.strftime('%Y%m%dT%H%M%S')}"
 
 
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """The counters a run continues with, beside the engine's shards; every checkpoint's meta.json holds them."""
+
+    step: int = 0
+    skipped: int = 0  # steps skipped for a NaN/Inf loss or gradient, over the whole run
+    nan_streak: int = 0  # skipped steps in a row up to `step`
+    restarts: int = 0  # times this run resumed from a checkpoint
+
+
+@dataclass
+class SaveResult:
+    step: int
+    path: Path
+    duration_s: float  # from the save's start until the folder was marked complete
+    blocked_s: float  # how long training waited for it (all of it for a synchronous save)
+
+
+@dataclass
+class _InFlight:
+    step: int
+    partial: Path
+    started: float
+    blocked_s: float
+    future: Future
+
+
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int):
+    """Finds, writes and resumes the run's checkpoints. `identity` (config, world size, layout, has_ema) goes into every
+    meta.json; `on_saved` hears of each save once its folder is complete (on the training thread)."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, identity: Optional[dict[str, Any]] = None,
+                 async_save: bool = False, timeout_s: float = 1800, faults: Optional[Faults] = None,
+                 on_saved: Optional[Callable[[SaveResult], None]] = None):
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
-        self.rank = rank
+        self.keep_last, self.rank, self.identity = keep_last, rank, identity or {}
+        self.async_save, self.faults, self.on_saved = async_save, faults, on_saved
+        self.inflight: Optional[_InFlight] = None
+        self.writer: Optional[ThreadPoolExecutor] = None
+        self.group: Optional[dist.ProcessGroup] = None
+        if async_save:
+            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+            if dist.is_available() and dist.is_initialized():  # the background thread's collectives stay off the trainer's
+                self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -81,6 +151,13 @@ class CheckpointManager:
     def latest(self) -> Optional[Path]:
         done = self.complete()
         return done[-1] if done else None
+
+    def find(self, resume: str) -> Optional[Path]:
+        """The checkpoint `train.resume` names: none for "never", the newest complete one (if any) for "auto", else that
+        folder (config validation has checked it is complete)."""
+        if resume == "never":
+            return None
+        return self.latest() if resume == "auto" else Path(resume)
 
     def supersede_after(self, step: int, archive: Path) -> list[Path]:
         """Rank 0, at start-up: move complete checkpoints newer than `step` into `archive` (nothing is deleted) and remove
@@ -98,90 +175,109 @@ class CheckpointManager:
             _fsync_dir(self.root)
         return moved
 
-    def save(self, step: int, state: "StateIO", extra: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. `state` writes the model and optimizer shards. Returns the final folder."""
-        final = self.root / f"step-{step:08d}"
+    def save(self, train: TrainState, state: StateIO, loader: Any) -> None:
+        """Collective: every rank calls it. Waits for a save still in flight, then writes `train.step`'s checkpoint, in the
+        background when async and the engine can (`state.supports_async`)."""
+        started = time.perf_counter()
+        self.wait()
+        final = self.root / f"step-{train.step:08d}"
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crash
             partial.mkdir(parents=True)
         _barrier()
+        loader_state = loader.state_dict()
+        extra = {"loader": loader_state, "rng": rng_state()}
+        meta = {**self.identity, "loader": loader_state, **dataclasses.asdict(train)}
+        if self.async_save and state.supports_async:
+            written = state.write_async(partial, self.group)
+            future = self.writer.submit(self._finish, written, train.step, partial, extra, meta, self.group)
+            self.inflight = _InFlight(train.step, partial, started, time.perf_counter() - started, future)
+            return
         state.write(partial)
-        extra_path = partial / f"extra-rank{self.rank:05d}.pt"
-        with open(extra_path, "wb") as fh:
+        self._finish(None, train.step, partial, extra, meta, None)
+        elapsed = time.perf_counter() - started
+        self._report(SaveResult(train.step, final, elapsed, elapsed))
+
+    def _finish(self, written: Optional[Future], step: int, partial: Path, extra: dict[str, Any], meta: dict[str, Any],
+                group: Optional[dist.ProcessGroup]) -> float:
+        """The rest of the protocol once the shards are on their way: extra file, barrier, meta, rename, keep-last.
+        Returns the time it finished (perf_counter)."""
+        if self.faults:
+            self.faults.while_writing(step)
+        if written is not None:
+            written.result()
+        with open(partial / f"extra-rank{self.rank:05d}.pt", "wb") as fh:
             torch.save(extra, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if os.environ.get(FAULT_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        _barrier()
+        if self.faults:
+            self.faults.after_shards(step)
+        _barrier(group)
         if self.rank == 0:
-            meta = {**meta, "step": step, "saved_at": time.time()}
-            with open(partial / "meta.json", "w") as fh:
-                json.dump(meta, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _fsync_dir(partial)  # every rank's file entries are durable before the folder becomes visible as complete
-            os.replace(partial, final)
-            _fsync_dir(self.root)
-            for old in self.complete()[: -self.keep_last] if self.keep_last > 0 else []:
-                try:
-                    shutil.rmtree(old)
-                except OSError as e:  # a full or flaky disk: keep training, but say that space is not being freed
-                    warnings.warn(f"keep_last could not delete {old}: {e}", stacklevel=2)
-        _barrier()
-        return final
+            self._mark_complete(partial, {**meta, "saved_at": time.time()})
+        _barrier(group)
+        return time.perf_counter()
 
-    def load(self, path: Path, state: "StateIO") -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-        """Load model/optimizer (resharding as needed); returns (meta, this rank's extra or None if there is none)."""
+    def _mark_complete(self, partial: Path, meta: dict[str, Any]) -> None:
+        with open(partial / "meta.json", "w") as fh:
+            json.dump(meta, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(partial)  # every rank's file entries are durable before the folder becomes visible as complete
+        os.replace(partial, partial.with_name(partial.name[: -len(".partial")]))
+        _fsync_dir(self.root)
+        for old in self.complete()[: -self.keep_last] if self.keep_last > 0 else []:
+            try:
+                shutil.rmtree(old)
+            except OSError as e:  # a full or flaky disk: keep training, but say that space is not being freed
+                warnings.warn(f"keep_last could not delete {old}: {e}", stacklevel=2)
+
+    def poll(self) -> None:
+        """Every step: report a background save that has finished; raise if it failed."""
+        if self.inflight is not None and self.inflight.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete; raise if it failed."""
+        inflight, self.inflight = self.inflight, None
+        if inflight is None:
+            return
+        try:
+            finished = inflight.future.result()
+        except Exception as e:
+            raise CheckpointError(
+                f"the background save of step {inflight.step} into {inflight.partial} failed: {type(e).__name__}: {e}. "
+                f"Nothing was marked complete; the newest complete checkpoint is {self.latest()}. Fix the cause (disk "
+                "space, permissions, the storage mount) and restart: the run resumes from that checkpoint"
+            ) from e
+        final = inflight.partial.with_name(inflight.partial.name[: -len(".partial")])
+        self._report(SaveResult(inflight.step, final, finished - inflight.started, inflight.blocked_s))
+
+    def _report(self, result: SaveResult) -> None:
+        if self.on_saved is not None:
+            self.on_saved(result)
+
+    def resume(self, path: Path, state: StateIO, loader: Any) -> tuple[TrainState, dict[str, Any]]:
+        """Engine shards, loader and RNG from the checkpoint at `path`; returns the train state to continue with (its
+        restart counted) and the checkpoint's meta."""
         meta = read_meta(path)
+        if self.identity.get("has_ema") and not meta.get("has_ema"):
+            raise CheckpointError(
+                f"{path} holds no EMA weights (it was trained with train.ema_decay=0), so train.ema_decay>0 cannot resume "
+                f"it: keep ema_decay=0 here, or start a new run_dir with train.init_from={path} (EMA then starts from "
+                "those weights)"
+            )
         state.read(path)
         extra_path = path / f"extra-rank{self.rank:05d}.pt"
-        extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
-        return meta, extra
-
-
-class StateIO:
-    """How an engine writes and reads its model + optimizer shards inside a checkpoint folder."""
-
-    def write(self, folder: Path) -> None:
-        raise NotImplementedError
-
-    def read(self, folder: Path) -> None:
-        raise NotImplementedError
-
-
-class DCPState(StateIO):
-    """torch.distributed.checkpoint of model, optimizer and EMA: plain, FSDP2 and DTensor-TP models alike, resharded on load."""
-
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Optional[dict[str, torch.Tensor]]):
-        self.model, self.optims, self.ema = model, [optimizer] if optimizer is not None else [], ema
-
-    def _state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optims)
-        state: dict[str, Any] = {"model": model_sd}
-        if self.optims:
-            state["optim"] = optim_sd
-        if self.ema is not None:
-            state["ema"] = self.ema
-        return state
-
-    def write(self, folder: Path) -> None:
-        dcp.save(self._state(), checkpoint_id=str(folder))
-
-    def read(self, folder: Path) -> None:
-        if (folder / DEEPSPEED_TAG).is_dir():
-            raise RuntimeError(
-                f"{folder} was written by parallel.engine=deepspeed; resume it with that engine, or export it "
-                "(tools/export_checkpoint.py) and start from the export with train.init_from"
-            )
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(self.model, self.optims, model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
-                       options=StateDictOptions(strict=True))
-
-
-DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint written by DeepSpeed's engine (parallel/deepspeed_engine.py)
+        if extra_path.exists() and meta.get("layout") == self.identity.get("layout"):
+            extra = torch.load(extra_path, weights_only=False)
+            loader.load_state_dict(extra["loader"])
+            set_rng_state(extra["rng"])
+        else:  # written by a different layout: the loader state is global, the RNG states start afresh
+            loader.load_state_dict(meta["loader"])
+        fields = {f.name: meta.get(f.name, 0) for f in dataclasses.fields(TrainState)}
+        return TrainState(**{**fields, "restarts": fields["restarts"] + 1}), meta
 
 
 def load_model_weights(path: Path, model: nn.Module, use_ema: bool = False) -> dict[str, Any]:

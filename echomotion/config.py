@@ -141,6 +141,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # a checkpoint folder or exported .safetensors to start from (Phase 2 <- Phase 1)
     checkpoint_every: int = 500
     keep_last: int = 3
+    # Write checkpoints in the background (host-memory copy, then a writer thread; echomotion/checkpoint.py): training
+    # waits only for the copy. None = yes where the engine can (fsdp), no under deepspeed, whose engine saves itself.
+    async_checkpoint: Optional[bool] = None
     log_every: int = 1
     lr: float = 8e-6
     weight_decay: float = 1e-3
@@ -329,7 +332,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"sample.shift={s.shift} must be > 0")
     problems += _data_problems(cfg.data)
     problems += _train_problems(cfg.train)
-    problems += _parallel_problems(cfg.parallel, m, cfg.train.precision, cfg.train.ema_decay)
+    problems += _parallel_problems(cfg.parallel, m, cfg.train)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -421,7 +424,7 @@ def _train_problems(t: TrainConfig) -> list[str]:
     return problems
 
 
-def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str, ema_decay: float) -> list[str]:
+def _parallel_problems(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> list[str]:
     """Layout checks that need no world size (parallel.mesh checks the product against it at start-up)."""
     problems = []
     for key in ("dp_replicate", "sp", "tp", "ac_every"):
@@ -444,14 +447,17 @@ def _parallel_problems(p: ParallelConfig, m: ModelConfig, train_precision: str, 
             problems.append("parallel.engine=deepspeed does not combine with tensor parallel: set parallel.tp=1, or use engine=fsdp")
         if p.dp_replicate > 1:
             problems.append("parallel.engine=deepspeed shards over all data-parallel ranks: set parallel.dp_replicate=1")
-        if ema_decay > 0:
+        if t.ema_decay > 0:
             problems.append("train.ema_decay > 0 keeps an EMA copy the DeepSpeed engine does not checkpoint: set "
                             "train.ema_decay=0 with parallel.engine=deepspeed, or use engine=fsdp")
+        if t.async_checkpoint:
+            problems.append("train.async_checkpoint=true: DeepSpeed's engine writes its own checkpoint files, synchronously "
+                            "here; leave train.async_checkpoint unset (or false) with parallel.engine=deepspeed")
         if p.zero_stage not in (1, 2, 3):
             problems.append(f"parallel.zero_stage={p.zero_stage}: choose 1, 2 or 3")
         if p.deepspeed_config is not None and not Path(p.deepspeed_config).is_file():
             problems.append(f"parallel.deepspeed_config={p.deepspeed_config} is not a file")
-    if p.param_dtype == "bf16" and train_precision != "bf16":
+    if p.param_dtype == "bf16" and t.precision != "bf16":
         problems.append("parallel.param_dtype=bf16 gathers bf16 weights, which only bf16 autocast can multiply: set "
                         "train.precision=bf16 (CUDA), or keep parallel.param_dtype=fp32")
     for key in ("param_dtype", "reduce_dtype"):

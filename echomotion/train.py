@@ -12,9 +12,8 @@ import argparse
 import dataclasses
 import hashlib
 import math
-import os
-import random
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,23 +24,22 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from parallel import ParallelContext, build_parallel, parallelize
-from parallel.clip import clip_grad_norm_
 from parallel.comm import CommCounter
+from parallel.engine import build_engine
 from parallel.fp8 import fp8_autocast
 
-from .checkpoint import CheckpointManager, DCPState, StateIO, load_model_weights, read_meta, superseded_dir
+from .checkpoint import CheckpointManager, SaveResult, TrainState, load_model_weights, superseded_dir
 from .config import Config, TrainConfig, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
 from .distributed import DistEnv, any_rank, init_distributed, shutdown
+from .faults import Faults
 from .metrics import ProgressReport, PrometheusExporter, StepLoggers, peak_flops_per_device
 from .models import EchoMotionDiT, is_motion_parameter
 from .models.flops import training_flops
 from .models.wan_io import load_wan
 from .motion.smpl import MOTION_TOKENS_PER_FRAME
-
-NAN_FAULT_ENV = "ECHOMOTION_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose loss is replaced by NaN
 
 
 class TrainingError(RuntimeError):
@@ -100,21 +98,6 @@ def lr_factor(step: int, t: Any) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_null_text(cfg: Config) -> torch.Tensor:
     """The empty prompt's embedding, written next to the shards by the data tools."""
     path = Path(cfg.data.null_text_path or Path(str(cfg.data.path)) / "null_text.pt")
@@ -147,6 +130,9 @@ def ema_update(ema: dict[str, torch.Tensor], named_params: Iterable[tuple[str, t
 
 
 class Trainer:
+    """Components built by role (parallel context, engine, checkpoints, data, loggers), then `run`: the loop of
+    `train_step`s with logging, checkpoints and SIGTERM handling."""
+
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         t = cfg.train
@@ -158,68 +144,60 @@ class Trainer:
             raise TrainingError("train.precision=bf16 uses CUDA autocast; on CPU use train.precision=fp32")
 
         self.par: ParallelContext = build_parallel(cfg.parallel, cfg.model, env.rank, env.world_size, env.device)
-        self.ckpt = CheckpointManager(self.run_dir, t.keep_last, env.rank)
-        resume_from = self._resume_path()
+        self.faults = Faults.from_env()
+        self.ckpt = self._checkpoints()
+        resume_from = self.ckpt.find(t.resume)
         self.model = parallelize(build_model(cfg, initial_weights=resume_from is None).to(env.device), self.par, cfg,
                                  env.device)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adamw(self.trainable, t)
-        self.scheduler = self._schedule(step=0)
         self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()} if t.ema_decay > 0 else None
-        self.engine = None  # DeepSpeed's engine under parallel.engine=deepspeed: it owns backward, step and checkpoints
-        self.state: StateIO = DCPState(self.model, self.optimizer, self.ema)
-        if cfg.parallel.engine == "deepspeed":
-            from parallel import deepspeed_engine
-
-            self.engine = deepspeed_engine.initialize(self.model, self.optimizer, cfg)
-            self.state = deepspeed_engine.DeepSpeedState(self.engine)
+        self.engine = build_engine(self.model, adamw([p for p in self.model.parameters() if p.requires_grad], t), cfg,
+                                   self.ema)
+        self.optimizer = self.engine.optimizer
+        self.scheduler = self._schedule(step=0)
         self.null_text = load_null_text(cfg).to(env.device)
         self.dataset, self.loader = build_dataloader(
             cfg, rank=env.rank, world_size=env.world_size, replication=self.par.layout.replication,
             cache_dir=self.run_dir / "data_cache",
         )
-        self.step, self.skipped, self.nan_streak, self.restarts = 0, 0, 0, 0
-        resumed = self._resume(resume_from) if resume_from is not None else None
+        self.train_state = TrainState()
+        self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
+        if resume_from is not None:
+            self._resume(resume_from)
         archive = superseded_dir(self.run_dir, self.step)
         if env.is_main:
             self._supersede_newer(archive)
         self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive)
-        self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
-        if self.exporter and resumed is not None:  # the checkpoint a preemption would fall back to
-            self.exporter.restarts.inc(self.restarts)
-            self.exporter.ckpt_last.set(resumed["saved_at"])
         self.peak = peak_flops_per_device(t.peak_flops)
         self.stop_requested = False
 
-    # ------------------------------------------------------------------------------------------------ checkpoints
-    def _resume_path(self) -> Optional[Path]:
-        mode = self.cfg.train.resume
-        if mode == "never":
-            return None
-        return self.ckpt.latest() if mode == "auto" else Path(mode)  # a folder: checked complete by config validation
+    @property
+    def step(self) -> int:
+        return self.train_state.step
 
-    def _resume(self, path: Path) -> dict[str, Any]:
-        """Model, optimizer, counters, loader and RNG from the checkpoint; returns its meta."""
-        meta = read_meta(path)
-        if self.ema is not None and not meta.get("has_ema"):
-            raise TrainingError(
-                f"{path} holds no EMA weights (it was trained with train.ema_decay=0), so train.ema_decay="
-                f"{self.cfg.train.ema_decay} cannot resume it: keep ema_decay=0 here, or start a new run_dir with "
-                f"train.init_from={path} (EMA then starts from those weights)"
-            )
-        _, extra = self.ckpt.load(path, self.state)
-        self.step = meta["step"]
-        self.skipped, self.nan_streak = meta["skipped"], meta["nan_streak"]
-        if extra is not None and meta.get("layout") == dataclasses.asdict(self.par.layout):
-            self.loader.load_state_dict(extra["loader"])
-            set_rng_state(extra["rng"])
-        else:  # written by a different layout: the loader state is global, the RNG states start afresh
-            self.loader.load_state_dict(meta["loader"])
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> CheckpointManager:
+        from omegaconf import OmegaConf
+
+        t = self.cfg.train
+        identity = {
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "world_size": self.env.world_size,
+            "layout": dataclasses.asdict(self.par.layout),
+            "has_ema": t.ema_decay > 0,
+        }
+        use_async = t.async_checkpoint if t.async_checkpoint is not None else self.cfg.parallel.engine == "fsdp"
+        return CheckpointManager(self.run_dir, t.keep_last, self.env.rank, identity, async_save=use_async,
+                                 timeout_s=t.collective_timeout, faults=self.faults, on_saved=self._on_saved)
+
+    def _resume(self, path: Path) -> None:
+        """Engine shards, counters, loader and RNG from the checkpoint (echomotion.checkpoint); the schedule from here."""
+        self.train_state, meta = self.ckpt.resume(path, self.engine.state, self.loader)
         self.scheduler = self._schedule(self.step, saved=meta["config"]["train"])
-        self.restarts = meta.get("restarts", 0) + 1
+        if self.exporter:  # the checkpoint a preemption would fall back to
+            self.exporter.restarts.inc(self.train_state.restarts)
+            self.exporter.ckpt_last.set(meta["saved_at"])
         if self.env.is_main:
             print(f"[echomotion] resumed from {path} at step {self.step}", flush=True)
-        return meta
 
     def _schedule(self, step: int, saved: Optional[dict[str, Any]] = None) -> torch.optim.lr_scheduler.LambdaLR:
         """The learning-rate schedule continuing after `step`. The config owns the optimizer's hyper-parameters: after a
@@ -242,25 +220,16 @@ class Trainer:
                   f"{', '.join(p.name for p in moved)} to {archive}", flush=True)
 
     def save(self) -> None:
-        t0 = time.time()
-        loader_state = self.loader.state_dict()
-        extra = {"loader": loader_state, "rng": rng_state()}
-        from omegaconf import OmegaConf
+        """This step's checkpoint (collective); asynchronous saves finish in the background."""
+        self.ckpt.save(self.train_state, self.engine.state, self.loader)
 
-        meta = {
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
-            "world_size": self.env.world_size,
-            "layout": dataclasses.asdict(self.par.layout),
-            "loader": loader_state,
-            "has_ema": self.ema is not None,
-            "restarts": self.restarts,
-            "skipped": self.skipped,
-            "nan_streak": self.nan_streak,
-        }
-        self.ckpt.save(self.step, self.state, extra, meta)
+    def _on_saved(self, result: SaveResult) -> None:
         if self.exporter:
-            self.exporter.ckpt_seconds.set(time.time() - t0)
+            self.exporter.ckpt_seconds.set(result.duration_s)
             self.exporter.ckpt_last.set(time.time())
+        if self.env.is_main:
+            print(f"[echomotion] checkpoint {result.path.name}: {result.duration_s:.2f} s, training blocked "
+                  f"{result.blocked_s:.2f} s", flush=True)
 
     # --------------------------------------------------------------------------------------------------- training
     def _batches(self):
@@ -286,26 +255,25 @@ class Trainer:
             video=None if batch.video is None else batch.video.to(dev, torch.float32),
         )
         gens = [sample_generator(t.seed, self.step + 1, micro, cid) for cid in batch.clip_ids]
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter only after the last micro-batch
-            self.model.set_requires_gradient_sync(last)
+        self.engine.prepare_micro_batch(last)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
         with autocast, fp8_autocast(self.cfg.parallel):  # the forward only, as Transformer Engine wants it
-            net = self.engine if self.engine is not None else self.model  # DeepSpeed counts micro-batches in its forward
-            loss, logs = training_loss(net, tb, t.phase, self.cfg.diffusion, self.null_text, gens, self.par.sum_over_dp)
-        if str(self.step + 1) in os.environ.get(NAN_FAULT_ENV, "").split(","):
+            loss, logs = training_loss(self.engine.module, tb, t.phase, self.cfg.diffusion, self.null_text, gens,
+                                       self.par.sum_over_dp)
+        if self.faults and self.faults.loss_is_nan(self.step + 1):
             loss = loss * float("nan")
         # FSDP and ZeRO average gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
-        scaled = loss * (self.par.layout.dp / t.grad_accum)
-        if self.engine is not None:
-            self.engine.backward(scaled, scale_wrt_gas=False)
-        else:
-            scaled.backward()
+        self.engine.backward(loss * (self.par.layout.dp / t.grad_accum))
         return loss.detach(), logs
 
     def forward_backward(self, batches) -> dict[str, Any]:
-        """Accumulate gradients over `train.grad_accum` micro-batches; returns the step's global loss and counters."""
+        """Accumulate gradients over `train.grad_accum` micro-batches; returns the step's global loss and counters.
+
+        `compute` is this rank's time up to the step's first collective of its own (the loss sum), data waits left out:
+        a straggler arrives there late. (FSDP's and Ulysses' collectives inside the forward and backward already make the
+        others wait for it part of the time, so this understates the lag; docs/operations.md.)"""
         t = self.cfg.train
-        wait, shares, logs, samples, tokens = 0.0, [], {}, 0, 0
+        start, wait, shares, logs, samples, tokens = time.perf_counter(), 0.0, [], {}, 0, 0
         for micro in range(t.grad_accum):
             w0 = time.perf_counter()
             batch = next(batches)
@@ -316,78 +284,73 @@ class Trainer:
                 logs.setdefault(k, []).append(v)
             samples += len(batch)
             tokens += self._tokens(batch)
+        if self.faults:
+            self.faults.delay_compute(self.env.rank)
+        if self.env.device.type == "cuda":  # queued kernels are part of this rank's compute
+            torch.cuda.synchronize()
+        compute = time.perf_counter() - start - wait
         loss = float(self.par.sum_over_dp(torch.stack(shares).sum()) / t.grad_accum)
-        return {"loss": loss, "logs": logs, "wait": wait, "samples": samples, "tokens": tokens, "batch": batch}
+        return {"loss": loss, "logs": logs, "wait": wait, "compute": compute, "samples": samples, "tokens": tokens,
+                "batch": batch}
 
     def train_step(self, batches) -> dict[str, Any]:
-        t, env = self.cfg.train, self.env
+        """Forward/backward over the micro-batches, one engine step (skipped for a NaN/Inf loss or gradient), EMA, the
+        schedule; returns the step's record."""
+        t = self.cfg.train
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses; the scheduler moves it at the end
         every = t.count_collectives_every
         counter = CommCounter(enabled=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         with counter:
             acc = self.forward_backward(batches)
-            if self.engine is None:
-                grad_norm = clip_grad_norm_(self.trainable, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            else:
-                grad_norm, applied = self._engine_step(acc["loss"])
-        loss = acc["loss"]
-        self.step += 1
-        if self.engine is None:  # a NaN/Inf loss or gradient skips the update
-            applied = math.isfinite(loss) and math.isfinite(grad_norm)
-            if applied:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if applied:
-            self.nan_streak = 0
-            self._update_ema()
-        else:
-            self.skipped += 1
-            self.nan_streak += 1
-            if self.exporter:
-                self.exporter.skipped.inc()
-            if self.nan_streak >= t.max_nan_streak:
-                raise TrainingError(
-                    f"{self.nan_streak} steps in a row had a NaN/Inf loss or gradient (last at step {self.step}); stopping. "
-                    "Lower train.lr, check the data, or resume from an earlier checkpoint with train.resume=<folder>"
-                )
+            grad_norm, applied = self.engine.step(acc["loss"])
+        self.train_state.step += 1
+        self._count_skips(applied)
+        if applied and self.ema is not None:
+            ema_update(self.ema, self.model.named_parameters(), t.ema_decay)
         self.scheduler.step()
-        step_time = time.perf_counter() - t0
+        rec = self._record(acc, grad_norm, lr, time.perf_counter() - t0)
+        if counter.enabled:  # this rank's collective inputs in forward, backward and clipping (parallel/comm.py)
+            rec.update({f"comm/{kind}_bytes": n for kind, n in counter.bytes_by_kind.items()})
+        return rec
+
+    def _count_skips(self, applied: bool) -> None:
+        state = self.train_state
+        if applied:
+            state.nan_streak = 0
+            return
+        state.skipped += 1
+        state.nan_streak += 1
+        if self.exporter:
+            self.exporter.skipped.inc()
+        if state.nan_streak >= self.cfg.train.max_nan_streak:
+            raise TrainingError(
+                f"{state.nan_streak} steps in a row had a NaN/Inf loss or gradient (last at step {state.step}); stopping. "
+                "Lower train.lr, check the data, or resume from an earlier checkpoint with train.resume=<folder>"
+            )
+
+    def _record(self, acc: dict[str, Any], grad_norm: float, lr: float, step_time: float) -> dict[str, Any]:
         dp = self.par.layout.dp  # the TP x SP ranks of a group hold the same samples
+        cuda = self.env.device.type == "cuda"
         rec: dict[str, Any] = {
             "step": self.step,
-            "loss": loss,
-            **self._mean_logs(acc["logs"]),
+            "loss": acc["loss"],
+            **self._across_ranks(acc["logs"], acc["compute"]),
             "grad_norm": grad_norm,
             "lr": lr,
             "samples_per_s": acc["samples"] * dp / step_time,
             "tokens_per_s": acc["tokens"] * dp / step_time,
             "step_time": step_time,
             "data_wait": acc["wait"],
-            "skipped_steps": self.skipped,
-            "nan_streak": self.nan_streak,
-            "memory_bytes": torch.cuda.max_memory_allocated() if env.device.type == "cuda" else None,
+            "compute_s": acc["compute"],
+            "skipped_steps": self.train_state.skipped,
+            "nan_streak": self.train_state.nan_streak,
+            "memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "memory_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+            "memory_total_bytes": torch.cuda.mem_get_info()[1] if cuda else None,
         }
         rec["mfu"] = self._mfu(acc["batch"], rec["samples_per_s"])
-        if counter.enabled:  # this rank's collective inputs in forward, backward and clipping (parallel/comm.py)
-            rec.update({f"comm/{kind}_bytes": n for kind, n in counter.bytes_by_kind.items()})
         return rec
-
-    def _engine_step(self, loss: float) -> tuple[float, bool]:
-        """DeepSpeed clips and steps; returns (global grad norm, whether the update was applied). Its ZeRO optimizers skip
-        the update on a NaN/Inf global gradient norm (which a NaN/Inf loss gives) and drop the accumulated gradients, as
-        for an fp16 overflow: the trainer then counts a skipped step, as under FSDP. Every rank steps, so the engine's
-        collectives stay matched, and the decision rests on the all-reduced norm, so every rank takes it alike."""
-        self.engine.step()
-        applied = self.engine.was_step_applied()
-        if applied and not math.isfinite(loss):
-            raise TrainingError(
-                f"step {self.step + 1} had a NaN/Inf loss but DeepSpeed applied the update (its gradient norm was finite "
-                "or not computed: check zero_optimization.compute_grad_norm / bf16.check_grad_overflow in "
-                "parallel.deepspeed_config); resume from the last checkpoint (train.resume=auto)"
-            )
-        norm = self.engine.get_global_grad_norm()
-        return (float("nan") if norm is None else float(norm)), applied
 
     def _tokens(self, batch: Batch) -> int:
         per = batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME
@@ -404,32 +367,34 @@ class Trainer:
         flops = training_flops(self.cfg.model, video, batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME, batch.text.shape[1])
         return flops * samples_per_s / (self.peak * self.env.world_size)
 
-    def _mean_logs(self, logs: dict[str, list[float]]) -> dict[str, float]:
-        """Per-task / per-modality losses of the step: the mean over every generated element of that kind, whichever
-        micro-batches and ranks they fell on (each micro-batch mean weighted by its element count)."""
+    def _across_ranks(self, logs: dict[str, list[float]], compute: float) -> dict[str, Any]:
+        """The step's job-level numbers, in one gather over the ranks. Per-task / per-modality losses: the mean over every
+        generated element of that kind, whichever micro-batches and ranks they fell on (each micro-batch mean weighted
+        by its element count). Compute time: the slowest rank's, the median and which rank was slowest (the straggler)."""
         local = {k: (sum(m * n for m, n in zip(v, logs["count/" + k[5:]])), sum(logs["count/" + k[5:]]))
                  for k, v in logs.items() if k.startswith("loss/")}
+        gathered: list[tuple[dict[str, tuple[float, float]], float]] = [(local, compute)]
         if self.env.world_size > 1:
             import torch.distributed as dist
 
-            gathered: list[dict[str, tuple[float, float]]] = [{} for _ in range(self.env.world_size)]
-            dist.all_gather_object(gathered, local)
-            local = {k: (sum(g[k][0] for g in gathered if k in g), sum(g[k][1] for g in gathered if k in g))
-                     for k in {k for g in gathered for k in g}}
-        return {k: total / count if count > 0 else float("nan") for k, (total, count) in sorted(local.items())}
-
-    def _update_ema(self) -> None:
-        if self.ema is not None:
-            ema_update(self.ema, self.model.named_parameters(), self.cfg.train.ema_decay)
+            gathered = [({}, 0.0)] * self.env.world_size
+            dist.all_gather_object(gathered, (local, compute))
+        sums = {k: (sum(g[k][0] for g, _ in gathered if k in g), sum(g[k][1] for g, _ in gathered if k in g))
+                for k in {k for g, _ in gathered for k in g}}
+        out: dict[str, Any] = {k: total / count if count > 0 else float("nan") for k, (total, count) in sorted(sums.items())}
+        times = [c for _, c in gathered]
+        out.update({"compute_s/max": max(times), "compute_s/median": statistics.median(times),
+                    "compute_s/slowest_rank": times.index(max(times))})
+        return out
 
     def run(self) -> None:
         t, env = self.cfg.train, self.env
         signal.signal(signal.SIGTERM, self._on_sigterm)
         batches = self._batches()
         progress = ProgressReport(f"phase {t.phase}", t.steps, self.step, t.print_every) if env.is_main and t.progress else None
-        saved_at = self.step
         while self.step < t.steps:
             rec = self.train_step(batches)
+            self.ckpt.poll()  # a background save that failed stops the run here, naming the folder and the cause
             if self.exporter:
                 self.exporter.observe_step(rec, job_level=env.is_main)
             if self.step % t.log_every == 0 or self.step == t.steps:
@@ -439,13 +404,12 @@ class Trainer:
             stop = any_rank(self.stop_requested, env.world_size, env.device)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps or stop:
                 self.save()
-                saved_at = self.step
             if stop:
+                self.ckpt.wait()
                 if env.is_main:
                     print(f"[echomotion] SIGTERM: saved step {self.step}, exiting", flush=True)
                 break
-        if saved_at != self.step:
-            self.save()
+        self.ckpt.wait()
         self.log.close()
         if progress is not None:
             progress.close()

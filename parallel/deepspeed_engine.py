@@ -15,6 +15,7 @@ used by the dual block too; its submodules (linears, norms) are called through t
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -23,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from echomotion.checkpoint import DEEPSPEED_TAG, StateIO
 from echomotion.config import Config, ConfigError
 from echomotion.models.echomotion import DualBlock, EchoMotionDiT
+
+from .engine import DEEPSPEED_TAG, Engine, StateIO
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -120,8 +122,9 @@ def initialize(model: EchoMotionDiT, optimizer: torch.optim.Optimizer, cfg: Conf
 
 
 class DeepSpeedState(StateIO):
-    """DeepSpeed's own checkpoint files in `<folder>/deepspeed/`; resumable with the same engine and exportable with
-    DeepSpeed's zero_to_fp32 (echomotion.checkpoint.load_model_weights)."""
+    """DeepSpeed's own checkpoint files in `<folder>/deepspeed/`, resumable with the same engine and exportable with
+    DeepSpeed's zero_to_fp32 (echomotion.checkpoint.load_model_weights). Written synchronously: DeepSpeed's background
+    writer (its decoupled checkpoint engine, a spawned writer process per node) is not wired in (docs/operations.md)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -139,6 +142,33 @@ class DeepSpeedState(StateIO):
                                               load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {folder / DEEPSPEED_TAG}")
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed's engine owns backward, clipping, the step and the checkpoint files."""
+
+    def __init__(self, model: EchoMotionDiT, optimizer: torch.optim.Optimizer, cfg: Config):
+        self.ds = initialize(model, optimizer, cfg)
+        self.module, self.model, self.optimizer = self.ds, model, optimizer
+        self.state = DeepSpeedState(self.ds)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the trainer already divided the loss by train.grad_accum
+
+    def step(self, loss: float) -> tuple[float, bool]:
+        """Its ZeRO optimizers skip the update on a NaN/Inf global gradient norm (which a NaN/Inf loss gives) and drop the
+        accumulated gradients, as for an fp16 overflow: the trainer then counts a skipped step, as under FSDP. Every rank
+        steps, so the engine's collectives stay matched, and the decision rests on the all-reduced norm."""
+        self.ds.step()
+        applied = self.ds.was_step_applied()
+        if applied and not math.isfinite(loss):
+            raise RuntimeError(
+                "a step had a NaN/Inf loss but DeepSpeed applied the update (its gradient norm was finite or not computed: "
+                "check zero_optimization.compute_grad_norm / bf16.check_grad_overflow in parallel.deepspeed_config); "
+                "resume from the last checkpoint (train.resume=auto)"
+            )
+        norm = self.ds.get_global_grad_norm()
+        return (float("nan") if norm is None else float(norm)), applied
 
 
 def full_gradient(param: nn.Parameter) -> Optional[torch.Tensor]:

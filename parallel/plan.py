@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from echomotion.config import ModelConfig, dual_layer_indices
-from echomotion.motion.smpl import (
+from echomotion.models.motion_tokens import (
     MOTION_FEATURE_DIM,
     MOTION_TOKENS_PER_FRAME,
     NUM_POS_TOKENS,

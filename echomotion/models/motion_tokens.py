@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..motion.smpl import (
+from ..motion.smpl import (  # noqa: F401  (MOTION_FEATURE_DIM: the layout, for code that sizes the model)
+    MOTION_FEATURE_DIM,
     MOTION_TOKENS_PER_FRAME,
     NUM_POS_TOKENS,
     NUM_ROT_TOKENS,

@@ -109,8 +109,8 @@ def run(cfg, env, args: argparse.Namespace) -> dict:
     record: dict = {"loss": {}, "grad_norm": {}, "tasks": set(), "layout": trainer.par.layout}
 
     def full_gradient(p: torch.nn.Parameter):
-        if trainer.engine is not None:
-            if cfg.parallel.zero_stage < 3 or trainer.engine.zero_cpu_offload():
+        if cfg.parallel.engine == "deepspeed":
+            if cfg.parallel.zero_stage < 3 or trainer.engine.ds.zero_cpu_offload():
                 return None  # ZeRO-1/2 and ZeRO-Offload finish gradients in engine.step(): no full gradient before it
             from parallel.deepspeed_engine import full_gradient as zero_gradient
 
@@ -144,6 +144,7 @@ def run(cfg, env, args: argparse.Namespace) -> dict:
             record["comm"] = {k: v for k, v in rec.items() if k.startswith("comm/")}
         if rec["step"] == args.save_at:
             trainer.save()
+            trainer.ckpt.wait()
     state = [s for st in trainer.optimizer.state.values() for s in st.values() if torch.is_tensor(s) and s.dim() > 0]
     mine = record.get("param_grad_bytes", 0) + local_bytes(state)
     if env.world_size > 1:  # the largest rank's parameter + gradient + optimizer bytes

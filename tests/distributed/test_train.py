@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from echomotion.checkpoint import CheckpointManager
+from echomotion.checkpoint import CheckpointError, CheckpointManager
 from echomotion.config import ConfigError, load_config, to_yaml
 from echomotion.data.synthetic import generate_humove_mini
 from echomotion.diffusion.sampler import sample
@@ -82,14 +82,33 @@ def logged_step(run_dir: Path, step: int) -> Callable[[], bool]:
     return lambda: step in losses(run_dir)
 
 
+STRAGGLER_DELAY = 0.4  # seconds rank 1 of the reference run computes longer every step
+
+
 @pytest.fixture(scope="module")
-def straight(humove: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """8 uninterrupted Phase 2 steps on 2 ranks: the reference every interrupted run must reproduce bit for bit."""
+def straight_run(humove: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 uninterrupted Phase 2 steps on 2 ranks: the reference every interrupted run must reproduce bit for bit. Rank 1
+    straggles (a sleep before the step's loss sum): timing cannot change a number, and the records must name it."""
     run = tmp_path_factory.mktemp("straight")
-    finish(launch(2, trainer_overrides(humove, run, "train.phase=2", "train.steps=8", "train.checkpoint_every=2")), 2)
-    ref = losses(run)
+    finish(launch(2, trainer_overrides(humove, run, "train.phase=2", "train.steps=8", "train.checkpoint_every=2"),
+                  env={"ECHOMOTION_FAULT_SLOW_RANK": f"1:{STRAGGLER_DELAY}"}), 2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run: Path) -> dict[int, float]:
+    ref = losses(straight_run)
     assert sorted(ref) == list(range(1, 9))
     return ref
+
+
+def test_the_step_records_name_a_straggling_rank(straight_run: Path) -> None:
+    """Every step of the reference run: rank 1's compute time is the maximum, longer than rank 0's by about the delay."""
+    for rec in read_metrics(straight_run):
+        assert rec["compute_s/slowest_rank"] == 1, rec
+        fastest = 2 * rec["compute_s/median"] - rec["compute_s/max"]  # two ranks: the median is their mean
+        assert rec["compute_s/max"] - fastest >= 0.8 * STRAGGLER_DELAY, rec
+        assert rec["compute_s"] == pytest.approx(fastest)  # rank 0 logs its own
 
 
 @pytest.mark.parametrize("kill_point", ["after_step_3", "after_checkpoint_4"])
@@ -148,19 +167,41 @@ def test_phase1_freezes_video_phase2_trains_both(humove: Path, tmp_path: Path) -
     assert any(not torch.equal(after2[k], after1[k]) for k in motion_keys)
 
 
-def test_sigterm_saves_and_exits_zero(humove: Path, tmp_path: Path) -> None:
+def test_sigterm_with_a_save_in_flight_exits_zero_with_complete_checkpoints(humove: Path, tmp_path: Path) -> None:
+    """Step 2's checkpoint is written in the background (slowed to 3 s) while steps 3.. train; SIGTERM then waits for it,
+    saves the last step and exits 0: both folders complete, no .partial left."""
     cmd = [sys.executable, "-m", "echomotion.train", "--config", str(ROOT / "configs/tiny.yaml"),
-           *trainer_overrides(humove, tmp_path, "train.phase=1", "train.steps=10000", "train.checkpoint_every=10000")]
-    proc = subprocess.Popen(cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           *trainer_overrides(humove, tmp_path, "train.phase=1", "train.steps=10000", "train.checkpoint_every=2")]
+    proc = subprocess.Popen(cmd, env=child_env({"ECHOMOTION_FAULT_SLOW_SAVE": "3"}), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    in_flight = tmp_path / "checkpoints/step-00000002.partial"
     deadline = time.time() + 120
-    while 2 not in losses(tmp_path):
+    while 3 not in losses(tmp_path):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
+    assert in_flight.is_dir(), "step 2's save was not in flight while step 3 trained"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     last = max(losses(tmp_path))
-    assert CheckpointManager(tmp_path, 3, 0).latest() == tmp_path / f"checkpoints/step-{last:08d}"
+    complete = CheckpointManager(tmp_path, 3, 0).complete()
+    assert complete[0] == tmp_path / "checkpoints/step-00000002" and complete[-1].name == f"step-{last:08d}"
+    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+    assert "SIGTERM: saved step" in out
+
+
+def test_a_failed_background_write_stops_the_run_naming_the_folder(humove: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 2's background write fails (a full disk): a later step raises with the folder and the cause; step 2 was never
+    marked complete, and the run's earlier checkpoint stays the newest."""
+    monkeypatch.setenv("ECHOMOTION_FAULT_FAIL_SAVE", "4")
+    trainer = in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=8", "train.checkpoint_every=2")
+    with pytest.raises(CheckpointError, match=r"background save of step 4 into \S*step-00000004.partial failed: "
+                                              r"OSError: .*No space left on device.* newest complete checkpoint is "
+                                              r"\S*step-00000002"):
+        trainer.run()
+    assert 4 < trainer.step < 8  # surfaced by a later step, before the end of the run
+    assert CheckpointManager(tmp_path, 3, 0).latest() == tmp_path / "checkpoints/step-00000002"
 
 
 def test_nan_steps_are_skipped_and_a_streak_stops_the_run(humove: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +213,7 @@ def test_nan_steps_are_skipped_and_a_streak_stops_the_run(humove: Path, tmp_path
     assert rec["skipped_steps"] == 1 and rec["loss"] != rec["loss"]  # NaN logged, step skipped
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
     rec = trainer.train_step(trainer_batches)
-    assert rec["skipped_steps"] == 1 and trainer.nan_streak == 0
+    assert rec["skipped_steps"] == 1 and trainer.train_state.nan_streak == 0
 
     monkeypatch.setenv("ECHOMOTION_FAULT_NAN_STEPS", "1,2,3")
     trainer = in_process_trainer(humove, tmp_path / "streak", "train.phase=1", "train.steps=5", "train.max_nan_streak=3")
@@ -403,7 +444,7 @@ def test_a_new_layout_keeps_the_skipped_step_counters(humove: Path, tmp_path: Pa
     ckpt = tmp_path / "checkpoints/step-00000003"
     (ckpt / "extra-rank00000.pt").unlink()  # what a rank of another world size finds: no per-rank state of its own
     resumed = in_process_trainer(humove, tmp_path, "train.phase=1", "train.steps=4")
-    assert (resumed.skipped, resumed.nan_streak) == (2, 2)
+    assert (resumed.train_state.skipped, resumed.train_state.nan_streak) == (2, 2)
 
 
 def test_a_torn_metrics_line_does_not_block_the_resume(humove: Path, tmp_path: Path) -> None:
