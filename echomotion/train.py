@@ -183,8 +183,10 @@ class Trainer:
         archive = superseded_dir(self.run_dir, self.step)
         if env.is_main:
             self._supersede_newer(archive)
-        self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive)
-        self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
+        self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive,
+                               wandb_project=t.wandb_project, wandb_mode=t.wandb_mode)
+        self.exporter = (PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.termination_grace, t.metrics_addr)
+                         if t.metrics_port else None)
         if self.exporter and resumed is not None:  # the checkpoint a preemption would fall back to
             self.exporter.restarts.inc(self.restarts)
             self.exporter.ckpt_last.set(resumed["saved_at"])
@@ -259,7 +261,8 @@ class Trainer:
         }
         self.ckpt.save(self.step, self.state, extra, meta)
         if self.exporter:
-            self.exporter.ckpt_seconds.set(time.time() - t0)
+            elapsed = time.time() - t0
+            self.exporter.observe_checkpoint(elapsed, blocked_s=elapsed)  # a synchronous save holds training throughout
             self.exporter.ckpt_last.set(time.time())
 
     # --------------------------------------------------------------------------------------------------- training
@@ -367,6 +370,9 @@ class Trainer:
             "skipped_steps": self.skipped,
             "nan_streak": self.nan_streak,
             "memory_bytes": torch.cuda.max_memory_allocated() if env.device.type == "cuda" else None,
+            "compute_s": step_time,  # TODO(main): replaced by the real measure
+            "memory_reserved_bytes": torch.cuda.max_memory_reserved() if env.device.type == "cuda" else None,
+            "memory_total_bytes": torch.cuda.mem_get_info()[1] if env.device.type == "cuda" else None,
         }
         rec["mfu"] = self._mfu(acc["batch"], rec["samples_per_s"])
         if counter.enabled:  # this rank's collective inputs in forward, backward and clipping (parallel/comm.py)
