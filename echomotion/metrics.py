@@ -228,7 +228,7 @@ class PrometheusExporter:
     an alert can compare checkpoint time with it. Names and labels: docs/operations.md.
     """
 
-    def __init__(self, port: int, rank: int, termination_grace: float, addr: str = "0.0.0.0"):
+    def __init__(self, port: int, rank: int, addr: str = "0.0.0.0", *, termination_grace: float):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
         self.rank = str(rank)

@@ -185,7 +185,8 @@ class Trainer:
             self._supersede_newer(archive)
         self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive,
                                wandb_project=t.wandb_project, wandb_mode=t.wandb_mode)
-        self.exporter = (PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.termination_grace, t.metrics_addr)
+        self.exporter = (PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr,
+                                            termination_grace=t.termination_grace)
                          if t.metrics_port else None)
         if self.exporter and resumed is not None:  # the checkpoint a preemption would fall back to
             self.exporter.restarts.inc(self.restarts)

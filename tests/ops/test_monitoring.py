@@ -62,8 +62,8 @@ def test_exporter_series_and_labels() -> None:
            "grad_norm": 0.9, "lr": 1e-4, "samples_per_s": 20.0, "tokens_per_s": 9000.0, "step_time": 0.2, "data_wait": 0.01,
            "nan_streak": 2, "memory_bytes": None, "mfu": None, "compute_s": 0.15, "memory_reserved_bytes": None,
            "memory_total_bytes": None}
-    rank0, rank1 = (PrometheusExporter(two_free_ports(), 0, 360, "127.0.0.1"),
-                    PrometheusExporter(two_free_ports(), 1, 360, "127.0.0.1"))
+    rank0, rank1 = (PrometheusExporter(two_free_ports(), 0, "127.0.0.1", termination_grace=360),
+                    PrometheusExporter(two_free_ports(), 1, "127.0.0.1", termination_grace=360))
     rank0.observe_step(rec, job_level=True)
     rank1.observe_step({**rec, "compute_s": 0.18, "memory_reserved_bytes": 6e9, "memory_total_bytes": 8e10}, job_level=False)
     for exporter in (rank0, rank1):  # every rank saves; only rank 0 serves the result
