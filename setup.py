@@ -23,8 +23,8 @@ CORE = [
 EXTRAS = {
     # CUDA-only: Transformer Engine FP8 and flash-attn varlen. Chosen at run time; never installed on CPU machines.
     "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-    # train.loggers=[jsonl,tensorboard]
-    "loggers": ["tensorboard==2.21.0"],
+    # train.loggers=[jsonl,tensorboard,wandb]
+    "loggers": ["tensorboard==2.21.0", "wandb==0.31.0"],
     # Test tools and the independent references the tests compare against (diffusers' Wan model).
     "dev": [
         "pytest==9.2.0",
@@ -35,6 +35,7 @@ EXTRAS = {
         "moto[server]==5.2.5",  # a real S3-compatible server on 127.0.0.1 for the data-loading tests and tools/bench_data.py
         "kubernetes-validate==1.37.0",  # offline Kubernetes schemas for the launcher's manifests (tests/ops)
         "tensorboard==2.21.0",  # the TensorBoard logger's test reads its event files back
+        "wandb==0.31.0",  # the W&B logger's test writes an offline run and reads its .wandb file back
     ],
 }
 

@@ -161,13 +161,21 @@ class TrainConfig:
     peak_flops: float = 0.0  # per device, for MFU; 0 = look up the GPU (H100: 989e12), none on CPU
     progress: bool = True  # rank 0 reports progress: a bar on a terminal, else a plain line every print_every steps
     # Where each step record goes: "jsonl" (metrics.jsonl, which resume and the tools read; always kept) and optionally
-    # "tensorboard" (run_dir/tensorboard: scalars and the resolved config; needs the tensorboard package)
+    # "tensorboard" (run_dir/tensorboard) and "wandb" (a W&B run in run_dir/wandb): scalars, sample grids and the
+    # resolved config; each needs its package (pip install 'echomotion[loggers]')
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_project: str = "echomotion"
+    # "offline" by default: training clusters often have no route to the internet, and an online init would then stall
+    # or fail the job; the run is written to run_dir/wandb and uploaded later with `wandb sync`. "online" | "disabled".
+    wandb_mode: str = "offline"
     print_every: int = 100  # the plain progress line where stdout is a log file (Slurm, Kubernetes), not a terminal
     # Seconds a collective may wait for the other ranks before the job fails (PyTorch's default is 30 min, long to hold
     # a 64-GPU job on one stuck rank). On a timeout the flight recorder dumps each rank's recent collectives to
     # run_dir/flight_recorder/ (docs/operations.md, "A hung collective").
     collective_timeout: float = 1800.0
+    # Seconds from SIGTERM to SIGKILL the job runs under (Kubernetes terminationGracePeriodSeconds; the manifests set it
+    # to theirs). Only reported (echomotion_termination_grace_seconds), so an alert can compare checkpoint time with it.
+    termination_grace: int = 300
     # Count collective bytes by kind (metrics `comm/<kind>_bytes`) on step 1 and every this many steps; 0 = never. A counted
     # step runs every op through a Python dispatch mode (a few us each) and torch.compile'd blocks eagerly.
     count_collectives_every: int = 50
@@ -375,19 +383,24 @@ def _data_problems(d: DataConfig) -> list[str]:
     return problems
 
 
-LOGGERS = ("jsonl", "tensorboard")
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
-def _logger_problems(loggers: list[str]) -> list[str]:
+def _logger_problems(t: TrainConfig) -> list[str]:
+    loggers = list(t.loggers)
     unknown = [x for x in loggers if x not in LOGGERS]
     if unknown:
-        return [f"train.loggers={list(loggers)}: unknown {unknown}; choose from {list(LOGGERS)}"]
+        return [f"train.loggers={loggers}: unknown {unknown}; choose from {list(LOGGERS)}"]
     if "jsonl" not in loggers:
-        return [f"train.loggers={list(loggers)} must keep 'jsonl': metrics.jsonl is what resume and the tools read"]
-    if "tensorboard" in loggers and importlib.util.find_spec("tensorboard") is None:
-        return ["train.loggers includes 'tensorboard' but the tensorboard package is not installed: "
-                "pip install 'echomotion[loggers]' (or drop it from train.loggers)"]
-    return []
+        return [f"train.loggers={loggers} must keep 'jsonl': metrics.jsonl is what resume and the tools read"]
+    problems = [f"train.loggers includes {name!r} but the {name} package is not installed: "
+                "pip install 'echomotion[loggers]' (or drop it from train.loggers)"
+                for name in ("tensorboard", "wandb") if name in loggers and importlib.util.find_spec(name) is None]
+    if t.wandb_mode not in WANDB_MODES:
+        problems.append(f"train.wandb_mode={t.wandb_mode!r}: choose 'offline' (written to run_dir/wandb, uploaded later "
+                        "with `wandb sync`), 'online' (needs a network route and WANDB_API_KEY) or 'disabled'")
+    return problems
 
 
 def _train_problems(t: TrainConfig) -> list[str]:
@@ -399,9 +412,11 @@ def _train_problems(t: TrainConfig) -> list[str]:
             problems.append(f"train.{key}={getattr(t, key)} must be >= 1")
     if t.count_collectives_every < 0:
         problems.append(f"train.count_collectives_every={t.count_collectives_every} must be >= 0 (0 = never)")
-    problems += _logger_problems(t.loggers)
+    problems += _logger_problems(t)
     if not t.collective_timeout > 0:
         problems.append(f"train.collective_timeout={t.collective_timeout} must be > 0 seconds (PyTorch's default is 1800)")
+    if t.termination_grace <= 0:
+        problems.append(f"train.termination_grace={t.termination_grace} must be > 0 seconds (Kubernetes' default is 30)")
     if t.keep_last < 0:
         problems.append(f"train.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.lr <= 0 or t.weight_decay < 0 or t.warmup_steps < 0 or t.grad_clip < 0:

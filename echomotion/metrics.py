@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,12 @@ class MetricsLog:
             fh.write(json.dumps(clean) + "\n")
 
 
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's finite numeric fields but the step itself: what a scalar logger can plot (None, NaN, bools dropped)."""
+    return {k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class TensorBoardLog:
     """The step records as TensorBoard scalars (one tag per numeric field, e.g. `loss/joint/video`) in
     run_dir/tensorboard, written by rank 0, with the resolved config as text at the start. A resumed run drops the events
@@ -118,26 +125,75 @@ class TensorBoardLog:
         self.writer.add_text("config", "```\n" + config_yaml + "\n```", global_step=resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(key, value, global_step=record["step"])
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, global_step=record["step"])
+
+    def images(self, step: int, images: dict[str, Path]) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for tag, path in images.items():
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))  # H x W x 3 uint8 (a grid may be saved as RGBA or palette)
+            self.writer.add_image(tag, pixels, global_step=step, dataformats="HWC")
 
     def close(self) -> None:
         self.writer.close()
+
+
+class WandbLog:
+    """The step records (finite numeric fields) and sample grids as a Weights & Biases run in run_dir/wandb, with the
+    resolved config, written by rank 0. The run id lives in run_dir/wandb_id, so a restarted job continues the same W&B
+    run instead of starting a new one per restart. W&B keeps only steps above the last it holds, so the steps a restart
+    repeats (those after the resumed checkpoint) keep their first values there; metrics.jsonl has the resumed ones."""
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], project: str, mode: str):
+        import wandb
+
+        run_dir = Path(run_dir)
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(id_file, lambda tmp: tmp.write_text(secrets.token_hex(6)))  # W&B ids: letters and digits
+        self.wandb = wandb
+        # console="off": rank 0's stdout stays the launcher's log (and its progress bar) instead of being wrapped
+        self.run = wandb.init(project=project, dir=str(run_dir), mode=mode, config=config, name=run_dir.name,
+                              id=id_file.read_text().strip(), resume="allow", settings=wandb.Settings(console="off"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def images(self, step: int, images: dict[str, Path]) -> None:
+        self.run.log({tag: self.wandb.Image(str(path)) for tag, path in images.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class StepLoggers:
     """Every logger a step record goes to (`train.loggers`), built by rank 0; the other ranks log nothing."""
 
     def __init__(self, loggers: list[str], run_dir: str | Path, config_yaml: str, enabled: bool, resume_step: int = 0,
-                 archive: Optional[Path] = None):
+                 archive: Optional[Path] = None, wandb_project: str = "echomotion", wandb_mode: str = "offline"):
         self.jsonl = MetricsLog(run_dir, enabled, resume_step, archive)
-        self.extra = [TensorBoardLog(run_dir, config_yaml, resume_step)] if enabled and "tensorboard" in loggers else []
+        self.extra: list[TensorBoardLog | WandbLog] = []
+        if enabled and "tensorboard" in loggers:
+            self.extra.append(TensorBoardLog(run_dir, config_yaml, resume_step))
+        if enabled and "wandb" in loggers:
+            import yaml
+
+            self.extra.append(WandbLog(run_dir, yaml.safe_load(config_yaml), wandb_project, wandb_mode))
 
     def write(self, record: dict[str, Any]) -> None:
         self.jsonl.write(record)
         for logger in self.extra:
             logger.write(record)
+
+    def images(self, step: int, images: dict[str, Path]) -> None:
+        """Sample grids (tag -> PNG file, e.g. `samples/joint` -> run_dir/samples/step-N/joint/grid.png) to the image
+        loggers; metrics.jsonl records nothing, the PNGs stay where they are."""
+        for logger in self.extra:
+            logger.images(step, images)
 
     def close(self) -> None:
         for logger in self.extra:
@@ -164,13 +220,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 class PrometheusExporter:
     """prometheus-client series with the `echomotion_` prefix, served on this process's port.
 
-    Job-level series (loss, step, throughput, checkpoints, skipped steps, restarts) are served by rank 0 only, so a query
-    over all ranks' targets never mixes in copies; on other ranks those objects exist but are not registered, so callers
-    need no rank checks. Per-rank series (step time, data wait, memory) carry a `rank` label: skew between ranks shows
-    there. `echomotion_process_*` (RSS, CPU, start time) comes from every process. Names and labels: docs/operations.md.
+    Job-level series (loss, eval loss, step, throughput, checkpoints, skipped steps, restarts, termination grace) are
+    served by rank 0 only, so a query over all ranks' targets never mixes in copies; on other ranks those objects exist
+    but are not registered, so callers need no rank checks. Per-rank series (step time, compute time, data wait, memory)
+    carry a `rank` label: skew between ranks shows there. `echomotion_process_*` (RSS, CPU, start time) comes from every
+    process. `termination_grace` is the SIGTERM-to-SIGKILL time the job runs under (train.termination_grace), served so
+    an alert can compare checkpoint time with it. Names and labels: docs/operations.md.
     """
 
-    def __init__(self, port: int, rank: int, addr: str = "0.0.0.0"):
+    def __init__(self, port: int, rank: int, addr: str = "0.0.0.0", *, termination_grace: float):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
         self.rank = str(rank)
@@ -193,14 +251,32 @@ class PrometheusExporter:
             registry=job,
         )
         self.restarts = Counter("echomotion_restarts", "Times this run resumed from a checkpoint", registry=job)
+        ckpt_buckets = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1200, 1800)  # 0.1 s .. 30 min
+        self.ckpt_duration = Histogram("echomotion_checkpoint_duration_seconds", "Checkpoint saves: start to complete",
+                                       registry=job, buckets=ckpt_buckets)
+        self.ckpt_blocked = Histogram("echomotion_checkpoint_blocked_seconds",
+                                      "Checkpoint saves: time training was held up by the save", registry=job,
+                                      buckets=ckpt_buckets)
+        self.grace = Gauge("echomotion_termination_grace_seconds",
+                           "SIGTERM-to-SIGKILL time the job runs under (train.termination_grace)", registry=job)
+        self.grace.set(termination_grace)
+        self.eval_loss = Gauge("echomotion_eval_loss", "Loss on the held-out set at the last evaluation",
+                               ["task", "modality"], registry=job)
         self.step_time = Histogram(
             "echomotion_step_time_seconds", "Wall time of one optimizer step", ["rank"], registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+        )
+        self.compute = Gauge(
+            "echomotion_rank_compute_seconds",
+            "This rank's compute time of the last step, before it blocked at the step-end collective", ["rank"], registry=r,
         )
         self.data_wait = Gauge("echomotion_data_wait_seconds", "Time the last step waited for data", ["rank"], registry=r)
         self.memory = Gauge(
             "echomotion_memory_max_allocated_bytes", "Peak accelerator memory (peak process RSS on CPU)", ["rank"], registry=r
         )
+        self.memory_reserved = Gauge("echomotion_memory_reserved_bytes",
+                                     "Peak accelerator memory reserved by the caching allocator", ["rank"], registry=r)
+        self.memory_total = Gauge("echomotion_memory_total_bytes", "The accelerator's total memory", ["rank"], registry=r)
         self.collective_bytes = Gauge(
             "echomotion_collective_bytes_per_step", "Bytes this rank gave to collectives in the last counted step, by kind",
             ["rank", "kind"], registry=r,
@@ -210,9 +286,13 @@ class PrometheusExporter:
 
     def observe_step(self, rec: dict[str, Any], job_level: bool) -> None:
         self.step_time.labels(self.rank).observe(rec["step_time"])
+        self.compute.labels(self.rank).set(rec["compute_s"])
         self.data_wait.labels(self.rank).set(rec["data_wait"])
         memory = rec.get("memory_bytes")
         self.memory.labels(self.rank).set(memory if memory is not None else _peak_rss_bytes())
+        for key, gauge in (("memory_reserved_bytes", self.memory_reserved), ("memory_total_bytes", self.memory_total)):
+            if rec.get(key) is not None:  # None on CPU: no accelerator memory to report
+                gauge.labels(self.rank).set(rec[key])
         for key, value in rec.items():
             if key.startswith("comm/"):  # comm/<kind>_bytes, on counted steps only
                 self.collective_bytes.labels(self.rank, key[len("comm/"):-len("_bytes")]).set(value)
@@ -230,6 +310,20 @@ class PrometheusExporter:
                            ("tokens_per_s", self.tokens_per_s), ("mfu", self.mfu), ("nan_streak", self.nan_streak)):
             if rec.get(key) is not None:
                 gauge.set(rec[key])
+
+    def observe_checkpoint(self, duration_s: float, blocked_s: float) -> None:
+        """One finished save (rank 0): its whole duration and the part training waited for (equal for a synchronous
+        save); the duration is also the `echomotion_checkpoint_save_seconds` gauge."""
+        self.ckpt_duration.observe(duration_s)
+        self.ckpt_blocked.observe(blocked_s)
+        self.ckpt_seconds.set(duration_s)
+
+    def observe_eval(self, rec: dict[str, Any]) -> None:
+        """An evaluation's record (rank 0): `eval/loss/<task>/<modality>` keys become eval-loss gauges; others ignored."""
+        for key, value in rec.items():
+            parts = key.split("/")
+            if len(parts) == 4 and parts[:2] == ["eval", "loss"] and value is not None:
+                self.eval_loss.labels(parts[2], parts[3]).set(value)
 
 
 def _peak_rss_bytes() -> int:

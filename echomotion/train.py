@@ -160,13 +160,15 @@ class Trainer:
             cache_dir=self.run_dir / "data_cache",
         )
         self.train_state = TrainState()
-        self.exporter = PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr) if t.metrics_port else None
+        self.exporter = (PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr,
+                                            termination_grace=t.termination_grace) if t.metrics_port else None)
         if resume_from is not None:
             self._resume(resume_from)
         archive = superseded_dir(self.run_dir, self.step)
         if env.is_main:
             self._supersede_newer(archive)
-        self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive)
+        self.log = StepLoggers(t.loggers, self.run_dir, to_yaml(cfg), env.is_main, resume_step=self.step, archive=archive,
+                               wandb_project=t.wandb_project, wandb_mode=t.wandb_mode)
         self.peak = peak_flops_per_device(t.peak_flops)
         self.stop_requested = False
 
@@ -225,7 +227,7 @@ class Trainer:
 
     def _on_saved(self, result: SaveResult) -> None:
         if self.exporter:
-            self.exporter.ckpt_seconds.set(result.duration_s)
+            self.exporter.observe_checkpoint(result.duration_s, blocked_s=result.blocked_s)
             self.exporter.ckpt_last.set(time.time())
         if self.env.is_main:
             print(f"[echomotion] checkpoint {result.path.name}: {result.duration_s:.2f} s, training blocked "

@@ -11,8 +11,9 @@ The two differ in how a failure is survived:
 Both mount `/dev/shm` (memory-backed, for the data loader's shared memory), a shared checkpoint volume (every rank writes
 its shards into the same folder, so it must be ReadWriteMany), a node-local data cache, read object-store credentials from
 a Secret, and give the trainer `terminationGracePeriodSeconds` beyond torchrun's shutdown timeout, so SIGTERM ends in a
-checkpoint. Prometheus scrape annotations point at local rank 0's exporter; every rank's port is declared as
-`metrics-<local rank>` for the per-rank scrape config in launcher/monitoring/prometheus-scrape.yml.
+checkpoint, and pass that grace to the trainer as `train.termination_grace` (its exporter reports it for the
+EchoMotionCheckpointNearGrace alert). Prometheus scrape annotations point at local rank 0's exporter; every rank's port
+is declared as `metrics-<local rank>` for the per-rank scrape config in launcher/monitoring/prometheus-scrape.yml.
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ class PodSettings:
             )
         if not self.image:
             raise LaunchError("image is required: the container image holding this checkout and its dependencies")
+
+
+def termination_grace(cluster: Cluster) -> int:
+    """terminationGracePeriodSeconds: torchrun's shutdown timeout plus a margin, so SIGTERM ends in a checkpoint."""
+    return cluster.shutdown_timeout + GRACE_MARGIN_S
 
 
 def trainer_defaults(pod: PodSettings) -> dict[str, str]:
@@ -115,7 +121,7 @@ def _pod_template(
     if pod.workdir:
         container["workingDir"] = pod.workdir
     spec: dict[str, Any] = {
-        "terminationGracePeriodSeconds": cluster.shutdown_timeout + GRACE_MARGIN_S,
+        "terminationGracePeriodSeconds": termination_grace(cluster),
         "containers": [container],
         "volumes": [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm_size}},
@@ -160,7 +166,13 @@ def _prepare(cluster: Cluster, call: TrainerCall, pod: PodSettings) -> tuple[Clu
     if cluster.threads() is None:
         raise LaunchError("OMP_NUM_THREADS is unknown: the pod has no CPU request; pass --cpus N (the pod's CPU request; "
                           "threads = N / processes per node) or --threads-per-proc")
-    call = call.with_defaults(trainer_defaults(pod))
+    grace = str(termination_grace(cluster))
+    given = [o for o in call.overrides if o.split("=", 1)[0] == "train.termination_grace"]
+    if given and given[-1].split("=", 1)[1] != grace:
+        raise LaunchError(f"{given[-1]}: the manifest sets train.termination_grace to its terminationGracePeriodSeconds "
+                          f"({grace} = --shutdown-timeout + {GRACE_MARGIN_S}); drop the override and change "
+                          "--shutdown-timeout instead")
+    call = call.with_defaults({**trainer_defaults(pod), "train.termination_grace": grace})
     cfg = call.load()
     return cluster, call, str(cfg.data.path or "").startswith("s3://")
 

@@ -184,6 +184,8 @@ def test_every_pod_checkpoints_on_sigterm_and_reads_secrets_from_a_secret(manife
             (container,) = spec["containers"]
             shutdown = int(next(w for w in container["command"] if w.startswith("--shutdown_timeout=")).split("=")[1])
             assert spec["terminationGracePeriodSeconds"] > shutdown, name
+            # the trainer reports the grace it runs under (echomotion_termination_grace_seconds, alert CheckpointNearGrace)
+            assert f"train.termination_grace={spec['terminationGracePeriodSeconds']}" in container["command"], name
             volumes = {v["name"]: v for v in spec["volumes"]}
             assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
             assert "persistentVolumeClaim" in volumes["checkpoints"]
@@ -199,3 +201,16 @@ def test_every_pod_checkpoints_on_sigterm_and_reads_secrets_from_a_secret(manife
             port = int(annotations["prometheus.io/port"])
             assert f"train.metrics_port={port}" in container["command"]
             assert {"name": "metrics-0", "containerPort": port} in container["ports"]
+
+
+def test_a_termination_grace_override_must_match_the_manifests() -> None:
+    """The manifest owns terminationGracePeriodSeconds, so a different train.termination_grace would make the exporter
+    report a grace the pods do not have: refused, naming the fix; the same value is accepted."""
+    cluster = Cluster(nodes=1, nproc_per_node=8, shutdown_timeout=300)
+    for render in (render_pytorchjob, render_jobset):
+        wrong = TrainerCall("configs/tiny.yaml", ["train.termination_grace=900"], base_dir=ROOT)
+        with pytest.raises(LaunchError, match=r"terminationGracePeriodSeconds \(360 = --shutdown-timeout \+ 60\); drop"):
+            render(cluster, wrong, pod())
+        same = TrainerCall("configs/tiny.yaml", ["train.termination_grace=360"], base_dir=ROOT)
+        (template, *_) = pod_templates(render(cluster, same, pod()))
+        assert template["spec"]["containers"][0]["command"].count("train.termination_grace=360") == 1
