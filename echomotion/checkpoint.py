@@ -7,10 +7,12 @@ into `step-N.partial/`; only after all ranks have finished does rank 0 write `me
 `step-N`, so a crash or kill during a save leaves a `.partial` folder that `latest()` never picks. DCP reshards on load, so
 a checkpoint written under one parallel layout loads under another.
 
-Async saves (`train.async_checkpoint`): DCP copies the shards to host memory while training waits (the blocked time), then
-one background thread writes them, the extra files and, after a barrier on a gloo group of its own, the meta and rename:
-the same protocol, off the training thread. At most one save is in flight: the next save, SIGTERM and the end of training
-wait for it. A background failure is raised at the next step (`poll`), naming the folder and the cause.
+Async saves (`train.async_checkpoint`): DCP copies the shards to host memory in a thread while the next forward and
+backward run, and the optimizer step waits for the copy (`before_update`; training's blocked time is that wait plus the
+set-up); then one background thread writes them, the extra files and, after a barrier on a gloo group of its own, the
+meta and rename: the same protocol, off the training thread. At most one save is in flight: the next save, SIGTERM and
+the end of training wait for it. A background failure is raised at the next step (`poll`), naming the folder and the
+cause.
 
 A run that continues from an older step than its newest checkpoint (`train.resume=<folder>`, or `never` in a used
 run_dir) moves the newer checkpoints to `run_dir/superseded/` (`supersede_after`): they belong to an abandoned timeline,
@@ -120,7 +122,8 @@ class _InFlight:
     partial: Path
     started: float
     blocked_s: float
-    future: Future
+    copied: Optional[Future]  # the host copy of the shards is complete (None once waited for)
+    future: Future  # the whole save is complete (folder renamed)
 
 
 class CheckpointManager:
@@ -190,9 +193,9 @@ class CheckpointManager:
         extra = {"loader": loader_state, "rng": rng_state()}
         meta = {**self.identity, "loader": loader_state, **dataclasses.asdict(train)}
         if self.async_save and state.supports_async:
-            written = state.write_async(partial, self.group)
+            copied, written = state.write_async(partial, self.group)
             future = self.writer.submit(self._finish, written, train.step, partial, extra, meta, self.group)
-            self.inflight = _InFlight(train.step, partial, started, time.perf_counter() - started, future)
+            self.inflight = _InFlight(train.step, partial, started, time.perf_counter() - started, copied, future)
             return
         state.write(partial)
         self._finish(None, train.step, partial, extra, meta, None)
@@ -232,6 +235,21 @@ class CheckpointManager:
                 shutil.rmtree(old)
             except OSError as e:  # a full or flaky disk: keep training, but say that space is not being freed
                 warnings.warn(f"keep_last could not delete {old}: {e}", stacklevel=2)
+
+    def before_update(self) -> None:
+        """Before the optimizer changes the weights: wait until the save in flight holds its host copy (this wait counts
+        as blocked time). Usually the copy finished during the forward and backward."""
+        inflight = self.inflight
+        if inflight is None or inflight.copied is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            inflight.copied.result()
+        except Exception:
+            self.wait()  # raises the CheckpointError naming the folder and the cause
+            raise
+        inflight.blocked_s += time.perf_counter() - t0
+        inflight.copied = None
 
     def poll(self) -> None:
         """Every step: report a background save that has finished; raise if it failed."""

@@ -305,6 +305,7 @@ class Trainer:
         counter = CommCounter(enabled=every > 0 and (self.step == 0 or (self.step + 1) % every == 0))
         with counter:
             acc = self.forward_backward(batches)
+            self.ckpt.before_update()  # an async save's host copy is complete before the weights change
             grad_norm, applied = self.engine.step(acc["loss"])
         self.train_state.step += 1
         self._count_skips(applied)

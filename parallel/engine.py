@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from echomotion.config import Config
@@ -38,8 +39,9 @@ class StateIO:
     def write(self, folder: Path) -> None:
         raise NotImplementedError
 
-    def write_async(self, folder: Path, group: Optional[dist.ProcessGroup]) -> Future:
-        """Stage the shards to host memory now; write them in the background (collectives on `group`)."""
+    def write_async(self, folder: Path, group: Optional[dist.ProcessGroup]) -> tuple[Future, Future]:
+        """Copy the shards to host memory and write them, both in the background (collectives on `group`); returns
+        (copied, written). The model and optimizer must not change before `copied` is done."""
         raise NotImplementedError
 
     def read(self, folder: Path) -> None:
@@ -48,13 +50,26 @@ class StateIO:
 
 class DCPState(StateIO):
     """torch.distributed.checkpoint of model, optimizer and EMA: plain, FSDP2 and DTensor-TP models alike, resharded on
-    load. Async: DCP copies every local shard to host memory before it returns, so training may change the parameters
-    while a background thread writes the copy."""
+    load. Async: every local shard is copied to host memory and written from there, both in background threads; the
+    trainer lets the optimizer change the weights only once the copy is complete."""
 
     supports_async = True
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], ema: Optional[dict[str, torch.Tensor]]):
         self.model, self.optims, self.ema = model, [optimizer] if optimizer is not None else [], ema
+        self.stager: Optional[DefaultStager] = None
+
+    def _stager(self) -> DefaultStager:
+        """One stager for the run, copying in a thread of its own while the next forward and backward run (they read the
+        weights, they do not change them). It keeps its host buffers between saves, so only the first async save pays for
+        allocating (and page-faulting) a checkpoint's worth of host memory; the next save, which overwrites them, starts
+        only after the previous one is written (docs/PERFORMANCE.md, "Checkpoint cost"). Pinned memory and non-blocking
+        copies on CUDA."""
+        if self.stager is None:
+            cuda = torch.cuda.is_available()
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                       use_async_staging=True, use_non_blocking_copy=cuda))
+        return self.stager
 
     def _state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optims)
@@ -68,8 +83,10 @@ class DCPState(StateIO):
     def write(self, folder: Path) -> None:
         dcp.save(self._state(), checkpoint_id=str(folder))
 
-    def write_async(self, folder: Path, group: Optional[dist.ProcessGroup]) -> Future:
-        return dcp.async_save(self._state(), checkpoint_id=str(folder), process_group=group)
+    def write_async(self, folder: Path, group: Optional[dist.ProcessGroup]) -> tuple[Future, Future]:
+        response = dcp.async_save(self._state(), checkpoint_id=str(folder), process_group=group,
+                                  async_stager=self._stager())
+        return response.staging_completion, response.upload_completion
 
     def read(self, folder: Path) -> None:
         if (folder / DEEPSPEED_TAG).is_dir():
