@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from parallel.engine import DEEPSPEED_TAG, StateIO
+from parallel import DEEPSPEED_TAG, StateIO
 
 from .faults import Faults
 
@@ -128,7 +128,8 @@ class _InFlight:
 
 class CheckpointManager:
     """Finds, writes and resumes the run's checkpoints. `identity` (config, world size, layout, has_ema) goes into every
-    meta.json; `on_saved` hears of each save once its folder is complete (on the training thread)."""
+    meta.json; `async_save` writes in the background where the engine's state can; `on_saved` hears of each save once
+    its folder is complete (on the training thread)."""
 
     def __init__(self, run_dir: str | Path, keep_last: int, rank: int, identity: Optional[dict[str, Any]] = None,
                  async_save: bool = False, timeout_s: float = 1800, faults: Optional[Faults] = None,
@@ -136,13 +137,17 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last, self.rank, self.identity = keep_last, rank, identity or {}
         self.async_save, self.faults, self.on_saved = async_save, faults, on_saved
+        self.timeout_s = timeout_s
         self.inflight: Optional[_InFlight] = None
-        self.writer: Optional[ThreadPoolExecutor] = None
+        self.writer: Optional[ThreadPoolExecutor] = None  # the background thread and its gloo group, from the first async save
         self.group: Optional[dist.ProcessGroup] = None
-        if async_save:
-            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-            if dist.is_available() and dist.is_initialized():  # the background thread's collectives stay off the trainer's
-                self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def _start_writer(self) -> None:
+        """Collective (every rank's first async save): the writer thread, and a gloo group of its own so its barriers and
+        DCP's planning never interleave with the training collectives."""
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        if dist.is_available() and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -192,7 +197,9 @@ class CheckpointManager:
         loader_state = loader.state_dict()
         extra = {"loader": loader_state, "rng": rng_state()}
         meta = {**self.identity, "loader": loader_state, **dataclasses.asdict(train)}
-        if self.async_save and state.supports_async:
+        if self.async_save and state.supports_async:  # DeepSpeed's state writes synchronously
+            if self.writer is None:
+                self._start_writer()
             copied, written = state.write_async(partial, self.group)
             future = self.writer.submit(self._finish, written, train.step, partial, extra, meta, self.group)
             self.inflight = _InFlight(train.step, partial, started, time.perf_counter() - started, copied, future)

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from parallel import ParallelContext, build_parallel, parallelize
+from parallel import ParallelContext, build_engine, build_parallel, parallelize
 from parallel.comm import CommCounter
-from parallel.engine import build_engine
 from parallel.fp8 import fp8_autocast
 
 from .checkpoint import CheckpointManager, SaveResult, TrainState, load_model_weights, superseded_dir
@@ -187,8 +186,7 @@ class Trainer:
             "layout": dataclasses.asdict(self.par.layout),
             "has_ema": t.ema_decay > 0,
         }
-        use_async = t.async_checkpoint if t.async_checkpoint is not None else self.cfg.parallel.engine == "fsdp"
-        return CheckpointManager(self.run_dir, t.keep_last, self.env.rank, identity, async_save=use_async,
+        return CheckpointManager(self.run_dir, t.keep_last, self.env.rank, identity, async_save=t.async_checkpoint is not False,
                                  timeout_s=t.collective_timeout, faults=self.faults, on_saved=self._on_saved)
 
     def _resume(self, path: Path) -> None:

@@ -1,14 +1,19 @@
 """Parallelism applied to the plain model from outside, in torchtitan's order: TP -> Ulysses SP -> FP8 -> activation
-checkpointing -> compile -> FSDP2 (see docs/parallelism.md). `echomotion/` never imports this package's internals; the
-trainer calls `build_parallel` and `parallelize`.
+checkpointing -> compile -> FSDP2 (see docs/parallelism.md); then the engine the trainer's loop drives (`build_engine`).
+The trainer calls `build_parallel`, `parallelize` and `build_engine`; `echomotion.checkpoint` writes through the engine's
+`StateIO`. This package imports only `echomotion.config` and `echomotion.models`.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from echomotion.config import Config
 from echomotion.models.echomotion import EchoMotionDiT
 
+from .deepspeed_engine import DeepSpeedEngine
+from .engine import DEEPSPEED_TAG, Engine, StateIO, TorchEngine
 from .mesh import Layout, ParallelContext, build_parallel, resolve_layout
 
 
@@ -48,4 +53,12 @@ def parallelize(model: EchoMotionDiT, ctx: ParallelContext, cfg: Config, device:
     return model
 
 
-__all__ = ["Layout", "ParallelContext", "build_parallel", "resolve_layout", "parallelize"]
+def build_engine(model: EchoMotionDiT, optimizer: torch.optim.Optimizer, cfg: Config,
+                 ema: Optional[dict[str, torch.Tensor]]) -> Engine:
+    """The configured engine (parallel/engine.py) around a model `parallelize` has prepared and the trainer's optimizer."""
+    if cfg.parallel.engine == "deepspeed":
+        return DeepSpeedEngine(model, optimizer, cfg)
+    return TorchEngine(model, optimizer, cfg.train.grad_clip, ema)
+
+
+__all__ = ["DEEPSPEED_TAG", "Engine", "Layout", "StateIO", "ParallelContext", "build_engine", "build_parallel", "resolve_layout", "parallelize"]

@@ -24,8 +24,6 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from echomotion.config import Config
-
 from .clip import clip_grad_norm_
 
 DEEPSPEED_TAG = "deepspeed"  # sub-folder of a checkpoint written by DeepSpeed's engine
@@ -143,13 +141,3 @@ class TorchEngine(Engine):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
-
-
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
-                 ema: Optional[dict[str, torch.Tensor]]) -> Engine:
-    """The configured engine around a model `parallelize` has prepared and the trainer's optimizer."""
-    if cfg.parallel.engine == "deepspeed":
-        from .deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, optimizer, cfg)
-    return TorchEngine(model, optimizer, cfg.train.grad_clip, ema)

@@ -37,8 +37,7 @@ from echomotion.motion.smpl import MOTION_FEATURE_DIM  # noqa: E402
 from echomotion.distributed import init_distributed, shutdown  # noqa: E402
 from echomotion.models import EchoMotionDiT  # noqa: E402
 from echomotion.train import adamw  # noqa: E402
-from parallel import build_parallel, parallelize  # noqa: E402
-from parallel.engine import build_engine  # noqa: E402
+from parallel import build_engine, build_parallel, parallelize  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
