@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 import warnings
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,6 +66,62 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _group_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _all_gather(obj: Any, group: Optional[dist.ProcessGroup]) -> list[Any]:
+    rank, world = _group_size(group)
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _my_share(folder: Path, group: Optional[dist.ProcessGroup]) -> list[Path]:
+    """This rank's part of the folder's files (every world-th, by sorted path), so reading them back splits over ranks."""
+    rank, world = _group_size(group)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json")
+    return files[rank::world]
+
+
+def file_table(folder: Path, group: Optional[dist.ProcessGroup] = None) -> dict[str, dict[str, int]]:
+    """Collective: every file of a written checkpoint folder with its size and CRC-32, read back in parallel over the
+    ranks (each reads 1/world of the bytes). meta.json records it; `verify` checks against it."""
+    mine = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in _my_share(folder, group)}
+    return {k: v for part in _all_gather(mine, group) for k, v in sorted(part.items())}
+
+
+def verify(folder: Path, group: Optional[dist.ProcessGroup] = None) -> list[str]:
+    """Collective: what is wrong with a complete checkpoint's files against its meta.json (each rank reads its share;
+    every rank gets the whole list). Empty when it verifies, or when it predates recorded checksums."""
+    table = read_meta(folder).get("files")
+    if table is None:
+        return []
+    rank, world = _group_size(group)
+    problems = []
+    for rel in sorted(table)[rank::world]:
+        path, want = folder / rel, table[rel]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, {want['bytes']} were written")
+        elif _crc32(path) != want["crc32"]:
+            problems.append(f"{path} does not match the CRC-32 recorded when it was written (its bytes changed)")
+    return sorted(p for part in _all_gather(problems, group) for p in part)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -165,7 +222,28 @@ class CheckpointManager:
         folder (config validation has checked it is complete)."""
         if resume == "never":
             return None
-        return self.latest() if resume == "auto" else Path(resume)
+        if resume != "auto":
+            problems = verify(Path(resume))
+            if problems:
+                raise CheckpointError(f"train.resume={resume} fails verification: {'; '.join(problems[:3])}. Pick "
+                                      "another checkpoint folder, or train.resume=auto for the newest one that verifies")
+            return Path(resume)
+        while (latest := self.latest()) is not None:
+            problems = verify(latest)
+            if not problems:
+                return latest
+            self._set_aside(latest, problems)
+        return None
+
+    def _set_aside(self, folder: Path, problems: list[str]) -> None:
+        """Collective: move a checkpoint that fails verification to run_dir/corrupt/ (kept for inspection) and say why."""
+        if self.rank == 0:
+            target = self.root.parent / "corrupt" / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(folder, target)
+            print(f"[echomotion] WARNING: checkpoint {folder} fails verification ({'; '.join(problems[:3])}); moved it "
+                  f"to {target}; resuming from the newest one before it that verifies", flush=True)
+        _barrier()
 
     def supersede_after(self, step: int, archive: Path) -> list[Path]:
         """Rank 0, at start-up: move complete checkpoints newer than `step` into `archive` (nothing is deleted) and remove
@@ -204,8 +282,11 @@ class CheckpointManager:
             future = self.writer.submit(self._finish, written, train.step, partial, extra, meta, self.group)
             self.inflight = _InFlight(train.step, partial, started, time.perf_counter() - started, copied, future)
             return
-        state.write(partial)
-        self._finish(None, train.step, partial, extra, meta, None)
+        try:
+            state.write(partial)
+            self._finish(None, train.step, partial, extra, meta, None)
+        except Exception as e:
+            raise self._save_failed(train.step, partial, e) from e
         elapsed = time.perf_counter() - started
         self._report(SaveResult(train.step, final, elapsed, elapsed))
 
@@ -224,8 +305,9 @@ class CheckpointManager:
         if self.faults:
             self.faults.after_shards(step)
         _barrier(group)
+        files = file_table(partial, group)
         if self.rank == 0:
-            self._mark_complete(partial, {**meta, "saved_at": time.time()})
+            self._mark_complete(partial, {**meta, "files": files, "saved_at": time.time()})
         _barrier(group)
         return time.perf_counter()
 
@@ -271,13 +353,23 @@ class CheckpointManager:
         try:
             finished = inflight.future.result()
         except Exception as e:
-            raise CheckpointError(
-                f"the background save of step {inflight.step} into {inflight.partial} failed: {type(e).__name__}: {e}. "
-                f"Nothing was marked complete; the newest complete checkpoint is {self.latest()}. Fix the cause (disk "
-                "space, permissions, the storage mount) and restart: the run resumes from that checkpoint"
-            ) from e
+            raise self._save_failed(inflight.step, inflight.partial, e, "the background save") from e
         final = inflight.partial.with_name(inflight.partial.name[: -len(".partial")])
         self._report(SaveResult(inflight.step, final, finished - inflight.started, inflight.blocked_s))
+
+    def _save_failed(self, step: int, partial: Path, error: Exception, what: str = "the save") -> CheckpointError:
+        """The error a failed save stops the run with: the folder, the cause, the free space there and what the last
+        complete checkpoint took (a full disk often shows up as an unrelated torch error: the sizes tell)."""
+        latest = self.latest()
+        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        size = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file()) if latest else 0
+        last = f"{latest} ({size / 1e9:.3g} GB)" if latest else "none yet"
+        return CheckpointError(
+            f"{what} of step {step} into {partial} failed: {type(error).__name__}: {error}. {free / 1e9:.3g} GB are free "
+            f"on that filesystem; the newest complete checkpoint is {last} and stays intact (nothing was marked complete). "
+            "Free space (or lower train.keep_last), fix permissions or the storage mount, and restart: the run resumes "
+            "from that checkpoint"
+        )
 
     def _report(self, result: SaveResult) -> None:
         if self.on_saved is not None:
