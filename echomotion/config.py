@@ -179,6 +179,21 @@ class TrainConfig:
     # Count collective bytes by kind (metrics `comm/<kind>_bytes`) on step 1 and every this many steps; 0 = never. A counted
     # step runs every op through a Python dispatch mode (a few us each) and torch.compile'd blocks eagerly.
     count_collectives_every: int = 50
+    # In-loop validation (docs/operations.md, "Validation and samples during training"). Every eval_every steps (and at
+    # the last step) the flow loss per task on held-out clips at the fixed noise levels eval_sigmas with fixed noise,
+    # so values compare across steps, runs and parallel layouts (a training loss mixes random sigmas and tasks); 0 = off.
+    eval_every: int = 0
+    # A local folder of MDS shards of held-out clips (HuMoVe-mini: <root>/heldout); needed when eval_every or
+    # sample_every is on. Clips are read in index order; sampling also needs the dataset.json of its parent folder.
+    eval_data: Optional[str] = None
+    eval_clips: int = 8  # the first N clips of eval_data (fewer if it holds fewer); cost: N x tasks forwards of one clip
+    # Noise levels (sigma in Wan's convention, after any shift: 1 = pure noise) the validation loss is taken at.
+    eval_sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Every sample_every steps (and at the last step), rank 0 samples the phase's tasks on the first sample_clips held-out
+    # clips with the `sample` settings into run_dir/samples/step-N/<task>/grid.png (and to the image loggers); on
+    # HuMoVe-mini also the evaluation metrics (echomotion/evaluate.py) as eval/<metric>; 0 = off.
+    sample_every: int = 0
+    sample_clips: int = 2  # >= 2: the evaluation's baselines pair each clip with another
 
 
 @dataclass
@@ -436,6 +451,33 @@ def _train_problems(t: TrainConfig) -> list[str]:
                         "folder with meta.json; an interrupted save leaves a .partial folder, which cannot be loaded)")
     if t.init_wan and t.init_from:
         problems.append("set only one of train.init_wan (pretrained Wan) and train.init_from (an EchoMotion checkpoint)")
+    return problems + _validation_problems(t)
+
+
+def _validation_problems(t: TrainConfig) -> list[str]:
+    """In-loop validation and sampling keys; the held-out folder is checked here, before any training step is spent."""
+    problems = [f"train.{key}={getattr(t, key)} must be >= 0 (0 = off)" for key in ("eval_every", "sample_every")
+                if getattr(t, key) < 0]
+    if t.eval_clips < 1:
+        problems.append(f"train.eval_clips={t.eval_clips} must be >= 1")
+    if t.sample_clips < 2:
+        problems.append(f"train.sample_clips={t.sample_clips} must be >= 2 (the evaluation's baselines pair each clip "
+                        "with another)")
+    if not t.eval_sigmas or not all(0 < s < 1 for s in t.eval_sigmas):
+        problems.append(f"train.eval_sigmas={list(t.eval_sigmas)} must be one or more noise levels strictly between 0 "
+                        "(clean) and 1 (pure noise), e.g. [0.25, 0.5, 0.75]")
+    if t.eval_every <= 0 and t.sample_every <= 0:
+        return problems
+    if t.eval_data is None:
+        problems.append("train.eval_every / train.sample_every need held-out clips: set train.eval_data to a local folder "
+                        "of MDS shards (HuMoVe-mini: <root>/heldout), or set both to 0")
+    elif not (Path(t.eval_data) / "index.json").is_file():
+        problems.append(f"train.eval_data={t.eval_data} holds no index.json: point it at a local folder of MDS shards "
+                        "(HuMoVe-mini: <root>/heldout; copy a remote split to local disk first)")
+    elif t.sample_every > 0 and not (Path(t.eval_data).parent / "dataset.json").is_file():
+        problems.append(f"train.sample_every needs {Path(t.eval_data).parent / 'dataset.json'} (the video codec and fps "
+                        "the data tools record): use a split folder inside a dataset written by the data tools, or set "
+                        "train.sample_every=0")
     return problems
 
 

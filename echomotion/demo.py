@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .report import Truth, loss_curve_png, sample_grid, write_report
+from .report import loss_curve_png, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,23 +59,16 @@ def sample_all_tasks(model: Path, data: Path, out: Path,
     """Sample the four tasks on the first n held-out clips: per-sample folders (write_outputs) and one grid per task.
     The clips' ground truth goes into the grids too: m2v's video next to the real one, v2m's motion next to the real
     joints."""
-    from .sample import InferenceContext, write_outputs
+    from .sample import InferenceContext, held_out_grids, write_outputs
 
     ctx = InferenceContext(model, data)
     held = ctx.clips("heldout")[:n]
-    truths = [Truth(None if c.video_latent is None else ctx.codec.decode(c.video_latent[None].float())[0], c.joints)
-              for c in held]
+    print(f"\n=== sampling 4 tasks on {len(held)} held-out clips", flush=True)
     samples: dict[str, list[Path]] = {}
     grids: dict[str, tuple[Path, Path]] = {}
-    print(f"\n=== sampling 4 tasks on {len(held)} held-out clips", flush=True)
-    for task in ("t2vm", "t2m", "m2v", "v2m"):
-        prompts = [c.caption for c in held] if task in ("t2vm", "t2m") else []
-        clips = held if task in ("m2v", "v2m") else []
-        gens = ctx.generate(task, prompts=prompts, clips=clips, seed=0)
-        for g, c in zip(gens, held):
-            g.name = c.clip_id  # name every sample after its held-out clip
+    for task, (gens, grid) in held_out_grids(ctx, held, ("t2vm", "t2m", "m2v", "v2m"), out / "samples").items():
         samples[task] = [write_outputs(g, out / "samples" / task, ctx.fps) for g in gens]
-        grids[task] = sample_grid(task, gens, truths, out / "samples" / task, ctx.fps)
+        grids[task] = grid
         print(f"  {task}: {len(gens)} samples", flush=True)
     return samples, grids
 

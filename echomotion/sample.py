@@ -12,6 +12,7 @@ statistics and null text the model was trained with (its `dataset.json`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from .cli import user_errors
-from .data.encoders import pad_text, text_encoder_from, video_codec_from
+from .config import Config
+from .data.encoders import TextEncoder, pad_text, text_encoder_from, video_codec_from
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
 from .diffusion.sampler import GENERATED, TASKS, sample
@@ -50,19 +52,36 @@ class InferenceContext:
 
     def __init__(self, checkpoint: str | Path, data: str | Path, device: str = "cpu",
                  vae_path: Optional[str] = None, text_encoder_path: Optional[str] = None):
+        model, cfg = load_exported(checkpoint, device=device)
+        self._attach(model, cfg, data, device, vae_path, text_encoder_path)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, cfg: Config, data: str | Path, device: str = "cpu") -> "InferenceContext":
+        """A context around a model in memory (the trainer's sampling during training) instead of an exported file."""
+        ctx = cls.__new__(cls)
+        ctx._attach(model, cfg, data, device, None, None)
+        return ctx
+
+    def _attach(self, model: torch.nn.Module, cfg: Config, data: str | Path, device: str, vae_path: Optional[str],
+                text_encoder_path: Optional[str]) -> None:
         self.data = Path(data)
         info_path = self.data / "dataset.json"
         if not info_path.exists():
             raise FileNotFoundError(f"{info_path} not found: --data must be a dataset folder written by the data tools")
         self.info = json.loads(info_path.read_text())
-        self.model, self.cfg = load_exported(checkpoint, device=device)
+        self.model, self.cfg = model, cfg
         self.device = torch.device(device)
         self.codec = video_codec_from(self.info["video_codec"], self.data, vae_path, device=device)
-        self.text_encoder = text_encoder_from(self.info["text_encoder"], text_encoder_path, device=device)
+        self._text_encoder_path = text_encoder_path
         self.stats = MotionStats.load(self.data / "motion_stats.json")
         self.text_len = self.cfg.text_len
         self.null_text = self.pad_text([torch.load(self.data / "null_text.pt", weights_only=True)])[0]
         self.fps = float(self.info["fps"])
+
+    @functools.cached_property
+    def text_encoder(self) -> TextEncoder:
+        """Loaded on first use: sampling from stored embeddings (held-out clips) never needs it (umT5 is large)."""
+        return text_encoder_from(self.info["text_encoder"], self._text_encoder_path, device=self.device)
 
     def pad_text(self, embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
         """True-length embeddings -> [B, text_len, D], zero-padded like training batches (Wan leaves padding unmasked)."""
@@ -100,10 +119,15 @@ class InferenceContext:
     def to_smpl(self, features: torch.Tensor) -> SMPLMotion:
         return SMPLMotion.from_features(self.stats.denormalize(features.float().cpu()), fps=self.fps)
 
+    def stored_text(self, clips: Sequence[Sample]) -> torch.Tensor:
+        """The clips' caption embeddings as stored in their shards, padded like training batches."""
+        return self.pad_text([c.text_embedding for c in clips])
+
     def generate(self, task: str, *, prompts: Sequence[str] = (), clips: Sequence[Sample] = (), seed: int = 0,
-                 overrides: Optional[dict] = None) -> list[Generated]:
+                 overrides: Optional[dict] = None, text: Optional[torch.Tensor] = None) -> list[Generated]:
         """One batched sampling run. t2vm/t2m take prompts; m2v takes clips (their motion + caption); v2m takes clips
-        (their video latent)."""
+        (their video latent). `text`: the prompts' (t2vm, t2m) or clips' (m2v) embeddings [B, L, D] when already
+        encoded (`stored_text`), so the text encoder is not needed."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
         s = self.cfg.sample
@@ -115,7 +139,7 @@ class InferenceContext:
         if task in ("t2vm", "t2m"):
             if not prompts:
                 raise ValueError(f"task {task} needs --prompt or --prompts")
-            text = self.encode_text(prompts)
+            text = self.encode_text(prompts) if text is None else text
             video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_frames=frames,
                                    video_shape=[len(prompts), *latent_shape] if task == "t2vm" else None, **opts)
             names, captions, given = _unique([_slug(p) for p in prompts]), list(prompts), [None] * len(prompts)
@@ -124,7 +148,7 @@ class InferenceContext:
                 raise ValueError(f"task {task} needs input clips (--clip ID)")
             self.check_clip_frames(task, clips)
             if task == "m2v":
-                text = self.encode_text([c.caption for c in clips])
+                text = self.encode_text([c.caption for c in clips]) if text is None else text
                 motion_cond = torch.stack([self.motion_of(c) for c in clips]).to(self.device)
                 video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_cond=motion_cond,
                                        video_shape=[len(clips), *latent_shape], **opts)
@@ -148,6 +172,28 @@ class InferenceContext:
                 given_motion=SMPLMotion(g.betas, g.global_orient, g.body_pose, g.transl, g.joints) if (g is not None and task == "m2v") else None,
             ))
         return out
+
+
+def held_out_grids(ctx: InferenceContext, clips: Sequence[Sample], tasks: Sequence[str], out: Path, seed: int = 0,
+                   stored_text: bool = False) -> dict[str, tuple[list[Generated], tuple[Path, Path]]]:
+    """Each task sampled on the held-out clips (t2vm / t2m from their captions, m2v / v2m from the clips themselves),
+    every sample named after its clip, and one grid per task, out/<task>/grid.png and grid.gif, with the clips' ground
+    truth beside it (m2v's real video, v2m's real joints). `stored_text`: use the clips' stored caption embeddings
+    instead of encoding the captions (no text encoder). Returns task -> (samples, (png, gif))."""
+    from .report import Truth, sample_grid
+
+    truths = [Truth(None if c.video_latent is None else ctx.codec.decode(c.video_latent[None].float())[0], c.joints)
+              for c in clips]
+    result: dict[str, tuple[list[Generated], tuple[Path, Path]]] = {}
+    for task in tasks:
+        from_text = task in ("t2vm", "t2m")
+        text = ctx.stored_text(clips) if stored_text and task != "v2m" else None
+        gens = ctx.generate(task, prompts=[c.caption for c in clips] if from_text else [],
+                            clips=[] if from_text else clips, seed=seed, text=text)
+        for g, c in zip(gens, clips):
+            g.name = c.clip_id
+        result[task] = (gens, sample_grid(task, gens, truths, out / task, ctx.fps))
+    return result
 
 
 def _slug(text: str) -> str:

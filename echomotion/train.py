@@ -9,6 +9,7 @@ resumes from its newest complete checkpoint by default (`train.resume=auto`); SI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -17,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ from torch.distributed.tensor import DTensor
 
 from parallel import ParallelContext, build_engine, build_parallel, parallelize
 from parallel.comm import CommCounter
+from parallel.engine import full_tensors
 from parallel.fp8 import fp8_autocast
 
-from .checkpoint import CheckpointManager, SaveResult, TrainState, load_model_weights, superseded_dir
+from .checkpoint import (CheckpointManager, SaveResult, TrainState, load_model_weights, rng_state, set_rng_state,
+                         superseded_dir)
 from .config import Config, TrainConfig, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
@@ -39,6 +42,7 @@ from .models import EchoMotionDiT, is_motion_parameter
 from .models.flops import training_flops
 from .models.wan_io import load_wan
 from .motion.smpl import MOTION_TOKENS_PER_FRAME
+from .validation import Validation
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +162,8 @@ class Trainer:
             cfg, rank=env.rank, world_size=env.world_size, replication=self.par.layout.replication,
             cache_dir=self.run_dir / "data_cache",
         )
+        self.validation = (Validation(cfg, self.par, self.dataset.stats, self.null_text, env.device)
+                           if t.eval_every or t.sample_every else None)
         self.train_state = TrainState()
         self.exporter = (PrometheusExporter(t.metrics_port + env.local_rank, env.rank, t.metrics_addr,
                                             termination_grace=t.termination_grace) if t.metrics_port else None)
@@ -256,8 +262,7 @@ class Trainer:
         )
         gens = [sample_generator(t.seed, self.step + 1, micro, cid) for cid in batch.clip_ids]
         self.engine.prepare_micro_batch(last)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        with autocast, fp8_autocast(self.cfg.parallel):  # the forward only, as Transformer Engine wants it
+        with self._forward_precision():
             loss, logs = training_loss(self.engine.module, tb, t.phase, self.cfg.diffusion, self.null_text, gens,
                                        self.par.sum_over_dp)
         if self.faults and self.faults.loss_is_nan(self.step + 1):
@@ -265,6 +270,13 @@ class Trainer:
         # FSDP and ZeRO average gradients over the dp x sp ranks; the shares must add up, so undo the data-parallel mean.
         self.engine.backward(loss * (self.par.layout.dp / t.grad_accum))
         return loss.detach(), logs
+
+    @contextlib.contextmanager
+    def _forward_precision(self) -> Iterator[None]:
+        """bf16 autocast (train.precision) and FP8 (parallel.fp8) around a forward only, as Transformer Engine wants it."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"), \
+                fp8_autocast(self.cfg.parallel):
+            yield
 
     def forward_backward(self, batches) -> dict[str, Any]:
         """Accumulate gradients over `train.grad_accum` micro-batches; returns the step's global loss and counters.
@@ -395,10 +407,11 @@ class Trainer:
         progress = ProgressReport(f"phase {t.phase}", t.steps, self.step, t.print_every) if env.is_main and t.progress else None
         while self.step < t.steps:
             rec = self.train_step(batches)
+            evaluated = self.evaluate(rec)
             self.ckpt.poll()  # a background save that failed stops the run here, naming the folder and the cause
             if self.exporter:
                 self.exporter.observe_step(rec, job_level=env.is_main)
-            if self.step % t.log_every == 0 or self.step == t.steps:
+            if self.step % t.log_every == 0 or self.step == t.steps or evaluated:
                 self.log.write(rec)
             if progress is not None:
                 progress.update(rec)
@@ -414,6 +427,48 @@ class Trainer:
         self.log.close()
         if progress is not None:
             progress.close()
+
+    # ------------------------------------------------------------------------------------------------- validation
+    def _due(self, every: int) -> bool:
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.train.steps)
+
+    def evaluate(self, rec: dict[str, Any]) -> bool:
+        """At an eval or sample step (train.eval_every / train.sample_every, and the last step), the held-out losses and
+        sample metrics join this step's record, which goes to every logger, and the eval-loss gauges. Returns whether
+        anything was added."""
+        t = self.cfg.train
+        start, extra = time.perf_counter(), {}
+        if self._due(t.eval_every):
+            with self._forward_precision():
+                extra |= self.validation.losses(self.engine.model)
+        if self._due(t.sample_every):
+            extra |= self._samples()
+        if not extra:
+            return False
+        extra["eval/time_s"] = time.perf_counter() - start
+        rec.update(extra)
+        if self.exporter:
+            self.exporter.observe_eval(rec)
+        return True
+
+    def _samples(self) -> dict[str, float]:
+        """Every rank helps gather the whole weights (the EMA copy when train.ema_decay > 0), then rank 0 samples while
+        the others wait at a barrier, so sampling time counts against train.collective_timeout. The RNG state is put
+        back afterwards: a run with samples trains exactly like one without."""
+        saved = rng_state()
+        try:
+            weights = full_tensors(self.ema) if self.ema is not None else self.engine.full_model_state()
+            metrics: dict[str, float] = {}
+            if self.env.is_main:
+                images, metrics = self.validation.write_samples(weights, self.run_dir / "samples" / f"step-{self.step}")
+                self.log.images(self.step, images)
+        finally:
+            set_rng_state(saved)
+        if self.env.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        return metrics
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_requested = True

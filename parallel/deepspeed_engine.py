@@ -170,6 +170,15 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm()
         return (float("nan") if norm is None else float(norm)), applied
 
+    def full_model_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """ZeRO-3 gathers the partitioned parameters layer by layer onto rank 0 (in the training dtype); ZeRO-1/2 keep
+        whole parameters on every rank."""
+        if self.ds.zero_optimization_partition_weights():
+            return self.ds._zero3_consolidated_16bit_state_dict()
+        if dist.get_rank() != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
 
 def full_gradient(param: nn.Parameter) -> Optional[torch.Tensor]:
     """The whole gradient of a ZeRO-3-partitioned parameter between backward and engine.step() (collective: every rank

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from .clip import clip_grad_norm_
 
@@ -117,6 +118,18 @@ class Engine:
         A NaN/Inf loss or gradient norm skips the update on every rank alike."""
         raise NotImplementedError
 
+    def full_model_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """The whole model's weights in host memory on rank 0 (None on the other ranks), under the plain model's names,
+        e.g. to sample from a copy of the model. Collective: every rank must call it."""
+        raise NotImplementedError
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+    """Whole copies in host memory on rank 0 (None elsewhere) of tensors that may be DTensor shards (the trainer's EMA
+    under FSDP2 / TP). Collective when any is a DTensor: every rank must call it."""
+    whole = {k: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for k, t in tensors.items()}
+    return whole if not dist.is_initialized() or dist.get_rank() == 0 else None
+
 
 class TorchEngine(Engine):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
@@ -141,3 +154,7 @@ class TorchEngine(Engine):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, applied
+
+    def full_model_state(self) -> Optional[dict[str, torch.Tensor]]:
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if not dist.is_initialized() or dist.get_rank() == 0 else None

@@ -12,6 +12,8 @@ A dropped text is the caller's null (empty-prompt) embedding. A dropped modality
 modalities carry loss; a clean condition is the data itself and its output is discarded.
 
 All randomness comes from the given torch.Generator, drawn in a fixed order, so a seed reproduces a batch's draws exactly.
+The draws (`draw_conditions`) are separate from noising (`assemble_inputs`), so validation (`eval_inputs`, `eval_errors`)
+noises a given task at a given sigma with the same code, dropping nothing but V2M's text.
 """
 from __future__ import annotations
 
@@ -115,6 +117,68 @@ def _draw_tasks(
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
 
+@dataclass
+class Conditions:
+    """What a training example draws besides its noise: task [B] (Task ids), sigma [B], and which conditions it drops
+    (drop_text, drop_motion, drop_video [B] bool)."""
+
+    task: Tensor
+    sigma: Tensor
+    drop_text: Tensor
+    drop_motion: Tensor
+    drop_video: Tensor
+
+
+def draw_conditions(batch: int, phase: int, cfg: DiffusionConfig, generator: Optional[torch.Generator],
+                    device: torch.device) -> Conditions:
+    """Task (Phase 2), sigma and the condition drops of the training rule (module docstring), in the fixed draw order
+    tasks, sigmas, text drop, modality drop."""
+    task = _draw_tasks(batch, phase, cfg, generator, device)
+    sigma = sample_sigmas(batch, cfg.shift, generator, device)
+    u_text, u_cond = _uniform(batch, generator, device), _uniform(batch, generator, device)
+    joint, m2v, v2m = (task == int(Task.JOINT)), (task == int(Task.M2V)), (task == int(Task.V2M))
+    if phase == 1:
+        drop_text = u_text < cfg.t2m_text_drop
+    else:
+        drop_text = (joint & (u_text < cfg.joint_text_drop)) | (m2v & (u_text < cfg.m2v_text_drop)) | v2m
+    return Conditions(task, sigma, drop_text, m2v & (u_cond < cfg.m2v_motion_drop), v2m & (u_cond < cfg.v2m_video_drop))
+
+
+def fixed_conditions(batch: int, task: Task, sigma: float, device: torch.device) -> Conditions:
+    """Validation's conditions: one task and one noise level for the whole batch and no condition dropped, except that
+    V2M always drops its text, as in training (V2M never sees text there, so text would be an input it never learned)."""
+    no = torch.zeros(batch, dtype=torch.bool, device=device)
+    return Conditions(
+        task=torch.full((batch,), int(task), dtype=torch.long, device=device),
+        sigma=torch.full((batch,), float(sigma), dtype=torch.float32, device=device),
+        drop_text=torch.full((batch,), task == Task.V2M, dtype=torch.bool, device=device), drop_motion=no, drop_video=no,
+    )
+
+
+def _concat(parts: Sequence[ModelInputs]) -> ModelInputs:
+    return ModelInputs(**{
+        f.name: None if getattr(parts[0], f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
+        for f in fields(ModelInputs)
+    })
+
+
+def _real_frames(batch: TrainingBatch, with_video: bool) -> Tensor:
+    """The batch's checked motion mask [B, F] (all True when None); with_video: the batch must carry video latents."""
+    b, frames = batch.motion.shape[:2]
+    if batch.text.shape[0] != b:
+        raise ValueError(f"text has batch {batch.text.shape[0]} but motion has batch {b}")
+    if with_video and batch.video is None:
+        raise ValueError("phase 2 needs video latents in the batch (TrainingBatch.video); motion-only data is for phase 1")
+    if with_video and batch.video.shape[0] != b:
+        raise ValueError(f"video has batch {batch.video.shape[0]} but motion has batch {b}")
+    real_frames = batch.motion_mask
+    if real_frames is None:
+        return torch.ones(b, frames, dtype=torch.bool, device=batch.motion.device)
+    if real_frames.shape != (b, frames):
+        raise ValueError(f"motion_mask has shape {tuple(real_frames.shape)}; expected [{b}, {frames}]")
+    return real_frames.to(torch.bool)
+
+
 def build_inputs(
     batch: TrainingBatch,
     phase: int,
@@ -132,66 +196,59 @@ def build_inputs(
         gens = list(generator)
         if len(gens) != batch.motion.shape[0]:
             raise ValueError(f"{len(gens)} generators for a batch of {batch.motion.shape[0]}: give one per sample")
-        parts = [build_inputs(_sample(batch, i), phase, cfg, null_text, g) for i, g in enumerate(gens)]
-        return ModelInputs(**{
-            f.name: None if getattr(parts[0], f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
-            for f in fields(ModelInputs)
-        })
-    motion = batch.motion
-    b, frames = motion.shape[:2]
-    device = motion.device
-    if batch.text.shape[0] != b:
-        raise ValueError(f"text has batch {batch.text.shape[0]} but motion has batch {b}")
-    real_frames = batch.motion_mask
-    if real_frames is None:
-        real_frames = torch.ones(b, frames, dtype=torch.bool, device=device)
-    elif real_frames.shape != (b, frames):
-        raise ValueError(f"motion_mask has shape {tuple(real_frames.shape)}; expected [{b}, {frames}]")
-    real_frames = real_frames.to(torch.bool)
-    video = batch.video if phase == 2 else None
-    if phase == 2 and video is None:
-        raise ValueError("phase 2 needs video latents in the batch (TrainingBatch.video); motion-only data is for phase 1")
-    if video is not None and video.shape[0] != b:
-        raise ValueError(f"video has batch {video.shape[0]} but motion has batch {b}")
+        return _concat([build_inputs(_sample(batch, i), phase, cfg, null_text, g) for i, g in enumerate(gens)])
+    real_frames = _real_frames(batch, with_video=phase == 2)
+    conditions = draw_conditions(batch.motion.shape[0], phase, cfg, generator, batch.motion.device)
+    return assemble_inputs(batch if phase == 2 else _motion_only(batch), real_frames, conditions, cfg, null_text, generator)
 
-    task = _draw_tasks(b, phase, cfg, generator, device)
-    sigma = sample_sigmas(b, cfg.shift, generator, device)
-    u_text, u_cond = _uniform(b, generator, device), _uniform(b, generator, device)
-    joint, m2v, v2m = (task == int(Task.JOINT)), (task == int(Task.M2V)), (task == int(Task.V2M))
-    if phase == 1:
-        drop_text = u_text < cfg.t2m_text_drop
-    else:
-        drop_text = (joint & (u_text < cfg.joint_text_drop)) | (m2v & (u_text < cfg.m2v_text_drop)) | v2m
-    drop_motion = m2v & (u_cond < cfg.m2v_motion_drop)
-    drop_video = v2m & (u_cond < cfg.v2m_video_drop)
 
-    text = torch.where(drop_text[:, None, None], null_text_like(null_text, batch.text), batch.text)
-    zero = torch.zeros_like(sigma)
+def eval_inputs(batch: TrainingBatch, task: Task, sigma: float, cfg: DiffusionConfig, null_text: Tensor,
+                generator: Optional[torch.Generator]) -> ModelInputs:
+    """The inputs of a validation example: the given task at the given noise level (`fixed_conditions`), noise from the
+    generator. T2M ignores any video in the batch (Phase 1 has no video branch)."""
+    real_frames = _real_frames(batch, with_video=task != Task.T2M)
+    conditions = fixed_conditions(batch.motion.shape[0], task, sigma, batch.motion.device)
+    return assemble_inputs(batch if task != Task.T2M else _motion_only(batch), real_frames, conditions, cfg, null_text,
+                           generator)
+
+
+def assemble_inputs(batch: TrainingBatch, real_frames: Tensor, c: Conditions, cfg: DiffusionConfig, null_text: Tensor,
+                    generator: Optional[torch.Generator]) -> ModelInputs:
+    """Noise the batch under the given conditions (video noise, then motion noise, from the generator) and return the
+    model's inputs with the loss targets and weights; a batch without video is motion-only."""
+    motion, video = batch.motion, batch.video
+    m2v, v2m = (c.task == int(Task.M2V)), (c.task == int(Task.V2M))
+    text = torch.where(c.drop_text[:, None, None], null_text_like(null_text, batch.text), batch.text)
+    zero = torch.zeros_like(c.sigma)
 
     video_kwargs: dict[str, Any] = {}
     if video is not None:
         video_noise = _randn_like(video, generator)
-        video_sigma = torch.where(v2m, zero, sigma)  # V2M: the video is the clean condition
+        video_sigma = torch.where(v2m, zero, c.sigma)  # V2M: the video is the clean condition
         video_kwargs = dict(
             video=add_noise(video, video_noise, video_sigma),
             video_timestep=to_timestep(video_sigma, cfg.num_train_timesteps),
-            video_mask=~drop_video,
+            video_mask=~c.drop_video,
             video_target=velocity_target(video, video_noise),
             video_weight=(~v2m).to(video.dtype),
         )
     motion_noise = _randn_like(motion, generator)
-    motion_sigma = torch.where(m2v, zero, sigma)  # M2V: the motion is the clean condition
+    motion_sigma = torch.where(m2v, zero, c.sigma)  # M2V: the motion is the clean condition
     return ModelInputs(
         text=text,
-        task=task,
+        task=c.task,
         motion=add_noise(motion, motion_noise, motion_sigma),
         motion_timestep=to_timestep(motion_sigma, cfg.num_train_timesteps),
-        motion_mask=real_frames & ~drop_motion[:, None],
+        motion_mask=real_frames & ~c.drop_motion[:, None],
         motion_target=velocity_target(motion, motion_noise),
         motion_weight=(~m2v).to(motion.dtype),
         motion_loss_mask=real_frames,
         **video_kwargs,
     )
+
+
+def _motion_only(batch: TrainingBatch) -> TrainingBatch:
+    return TrainingBatch(text=batch.text, motion=batch.motion, motion_mask=batch.motion_mask, video=None)
 
 
 def _sample(batch: TrainingBatch, i: int) -> TrainingBatch:
@@ -202,6 +259,41 @@ def _sample(batch: TrainingBatch, i: int) -> TrainingBatch:
         motion_mask=None if batch.motion_mask is None else batch.motion_mask[one],
         video=None if batch.video is None else batch.video[one],
     )
+
+
+def _check_prediction(out: Any) -> Prediction:
+    if not isinstance(out, Prediction):
+        raise TypeError(f"the model returned {type(out).__name__}; a call with motion must return Prediction(video, motion)")
+    return out
+
+
+def modality_errors(out: Prediction, inputs: ModelInputs, samples: Optional[Tensor] = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """(sum of squared errors, element count) per modality the inputs carry, over the generated elements only; with
+    `samples` [B] bool, over those samples only."""
+    terms = {"motion": (out.motion, inputs.motion_target, inputs.motion_weight, inputs.motion_loss_mask)}
+    if inputs.video is not None:
+        terms["video"] = (out.video, inputs.video_target, inputs.video_weight, None)
+    return {name: squared_error(pred, target, weight if samples is None else weight * samples.to(weight.dtype), mask)
+            for name, (pred, target, weight, mask) in terms.items()}
+
+
+def task_errors(out: Prediction, inputs: ModelInputs) -> dict[str, tuple[Tensor, Tensor]]:
+    """`<task>/<modality>` -> (sum of squared errors, element count) for every task in the batch and the modalities it
+    generates (e.g. `m2v/video`)."""
+    errors = {}
+    for task in [Task(t) for t in inputs.task.unique().tolist()]:
+        per_modality = modality_errors(out, inputs, inputs.task == int(task))
+        errors |= {f"{task.name.lower()}/{m}": per_modality[m] for m in GENERATES[task] if m in per_modality}
+    return errors
+
+
+def eval_errors(model: nn.Module, batch: TrainingBatch, cases: Sequence[tuple[Task, float, torch.Generator]],
+                cfg: DiffusionConfig, null_text: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Validation errors of one clip (a batch of one): one forward over the clip repeated once per case (task, sigma,
+    noise generator; `eval_inputs`), returning `<task>/<modality>` -> (sum of squared errors, element count) over the
+    cases of that task. The cases must agree on having video (Phase 1's t2m alone, or Phase 2's tasks)."""
+    inputs = _concat([eval_inputs(batch, task, sigma, cfg, null_text, gen) for task, sigma, gen in cases])
+    return task_errors(_check_prediction(model(**inputs.kwargs())), inputs)
 
 
 def training_loss(
@@ -225,33 +317,20 @@ def training_loss(
     the whole batch, whatever the samples' tasks and lengths on each rank.
     """
     inputs = build_inputs(batch, phase, cfg, null_text, generator)
-    out = model(**inputs.kwargs())
-    if not isinstance(out, Prediction):
-        raise TypeError(f"the model returned {type(out).__name__}; a call with motion must return Prediction(video, motion)")
-
-    def motion_term(weight: Tensor) -> tuple[Tensor, Tensor]:
-        return squared_error(out.motion, inputs.motion_target, weight, inputs.motion_loss_mask)
-
-    def video_term(weight: Tensor) -> tuple[Tensor, Tensor]:
-        return squared_error(out.video, inputs.video_target, weight)
-
-    terms = {"motion": (motion_term, inputs.motion_weight, cfg.motion_loss_weight)}
-    if inputs.video is not None:
-        terms["video"] = (video_term, inputs.video_weight, cfg.video_loss_weight)
-    errors = {name: term(weight) for name, (term, weight, _) in terms.items()}
+    out = _check_prediction(model(**inputs.kwargs()))
+    errors = modality_errors(out, inputs)
+    loss_weights = {"motion": cfg.motion_loss_weight, "video": cfg.video_loss_weight}
     counts = torch.stack([count for _, count in errors.values()]).detach()
     global_counts = count_over(counts) if count_over is not None else counts
-    loss = sum(terms[name][2] * safe_mean(total, n) for (name, (total, _)), n in zip(errors.items(), global_counts))
+    loss = sum(loss_weights[name] * safe_mean(total, n) for (name, (total, _)), n in zip(errors.items(), global_counts))
 
-    present = [Task(t) for t in inputs.task.unique().tolist()]
     values: dict[str, Tensor] = {}
     with torch.no_grad():
-        for name, (term, weight, _) in terms.items():
-            generated_by = [t for t in present if name in GENERATES[t]]
-            parts = [(name, errors[name])] if generated_by else []
-            parts += [(f"{t.name.lower()}/{name}", term(weight * (inputs.task == int(t)).to(weight.dtype))) for t in generated_by]
-            for key, (total, count) in parts:
-                values[f"loss/{key}"] = safe_mean(total, count).detach()
-                values[f"count/{key}"] = count.to(total.dtype)
+        per_task = task_errors(out, inputs)
+        generated = {key.split("/")[1] for key in per_task}
+        parts = [(name, err) for name, err in errors.items() if name in generated] + list(per_task.items())
+        for key, (total, count) in parts:
+            values[f"loss/{key}"] = safe_mean(total, count).detach()
+            values[f"count/{key}"] = count.to(total.dtype)
     logs = dict(zip(values, torch.stack(list(values.values())).tolist())) if values else {}
     return loss, logs

@@ -142,6 +142,8 @@ def run(cfg, env, args: argparse.Namespace) -> dict:
         record.setdefault("logs", {})[rec["step"]] = {k: v for k, v in rec.items() if k.startswith("loss/")}
         if rec["step"] == 1:
             record["comm"] = {k: v for k, v in rec.items() if k.startswith("comm/")}
+        if trainer.evaluate(rec):  # the held-out losses of the eval steps (train.eval_every and the last step)
+            record.setdefault("eval", {})[rec["step"]] = {k: v for k, v in rec.items() if k.startswith("eval/loss/")}
         if rec["step"] == args.save_at:
             trainer.save()
             trainer.ckpt.wait()

@@ -64,6 +64,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         "train.progress=false",
         "train.resume=never",
         f"train.init_from={init}",
+        # validation at step 3 (and any run's last step) on 3 clips: under 2 and 4 data-parallel ranks some rank runs a
+        # padding forward; the training split stands in for held-out data
+        "train.eval_every=3",
+        f"train.eval_data={mini / 'train'}",
+        "train.eval_clips=3",
     ]
 
 
@@ -139,7 +144,18 @@ def check_record(got: dict, want: dict, phase: int, extra: list[str]) -> None:
     assert_same_steps(got, want, (1, 2, 3))
     assert_same_gradients(got["grads"], want["grads"])
     assert got["tasks"] == want["tasks"] == ({"t2m"} if phase == 1 else {"joint", "m2v", "v2m"})
+    assert_same_validation(got, want, phase)
     assert got["comm"]["comm/all_to_all_bytes"] == ulysses_bytes(got["layout"], phase)
+
+
+def assert_same_validation(got: dict, want: dict, phase: int) -> None:
+    """The held-out losses after step 3 (issue 13: equal to one process within 1e-5), for every task of the phase."""
+    keys = {"eval/loss/t2m/motion"} if phase == 1 else {f"eval/loss/{k}" for k in
+                                                         ("joint/video", "joint/motion", "m2v/video", "v2m/motion")}
+    assert set(got["eval"][3]) == set(want["eval"][3]) == keys
+    worst = max(abs(got["eval"][3][k] / want["eval"][3][k] - 1) for k in keys)
+    print(f"phase {phase}: validation losses' max relative error {worst:.2e}")
+    assert got["eval"][3] == pytest.approx(want["eval"][3], rel=LOSS_RTOL)
 
 
 def ulysses_bytes(layout, phase: int) -> int:

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
+from PIL import Image
 
 from echomotion.checkpoint import CheckpointError, CheckpointManager
 from echomotion.config import ConfigError, load_config, to_yaml
@@ -536,3 +538,97 @@ def test_a_resumed_run_reports_the_age_of_the_checkpoint_it_resumed_from(humove:
     registry = resumed.exporter.registry
     assert registry.get_sample_value("echomotion_checkpoint_last_success_timestamp_seconds") == saved_at
     assert registry.get_sample_value("echomotion_restarts_total") == 1
+
+
+# ------------------------------------------------------------------------------------------------------------------------
+# In-loop validation and samples (train.eval_every, train.sample_every)
+
+def test_validation_loss_equals_a_hand_computed_flow_loss(humove: Path, tmp_path: Path) -> None:
+    """One held-out clip at sigma 0.5: the validation losses of joint and v2m against the flow loss written out from
+    flow.py's formulas (x = (1 - s) x0 + s n, target n - x0, timestep 1000 s) on the plain model, with the clip's own
+    text for joint and the null text for v2m (whose text is always dropped), video noise drawn before motion noise."""
+    from echomotion.data.shards import iter_samples, motion_features
+    from echomotion.models import Task
+    from echomotion.validation import eval_generator
+
+    trainer = in_process_trainer(humove, tmp_path, "train.phase=2", "train.eval_every=1", "train.eval_clips=1",
+                                 "train.eval_sigmas=[0.5]", f"train.eval_data={humove / 'heldout'}")
+    got = trainer.validation.losses(trainer.engine.model)
+    clip = next(iter(iter_samples(humove / "heldout")))
+    video = clip.video_latent.float()[None]
+    motion = trainer.dataset.stats.normalize(motion_features(clip)).float()[None]
+    text = torch.zeros(1, 16, 32)
+    text[0, : clip.text_embedding.shape[0]] = clip.text_embedding.float()
+    s = 0.5
+    for task, prompt, video_sigma, keys in ((Task.JOINT, text, s, ("video", "motion")),
+                                            (Task.V2M, trainer.null_text[None], 0.0, ("motion",))):
+        gen = eval_generator(trainer.cfg.train.seed, clip.clip_id, task, 0)
+        video_noise = torch.randn(video.shape, generator=gen)
+        motion_noise = torch.randn(motion.shape, generator=gen)
+        with torch.no_grad():
+            out = trainer.model(video=(1 - video_sigma) * video + video_sigma * video_noise,
+                                video_timestep=torch.tensor([1000 * video_sigma]), video_mask=torch.tensor([True]),
+                                motion=(1 - s) * motion + s * motion_noise, motion_timestep=torch.tensor([1000 * s]),
+                                motion_mask=torch.ones(motion.shape[:2], dtype=torch.bool), text=prompt,
+                                task=torch.tensor([int(task)]))
+        want = {"video": ((out.video - (video_noise - video)) ** 2).mean(),
+                "motion": ((out.motion - (motion_noise - motion)) ** 2).mean()}
+        for k in keys:
+            assert got[f"eval/loss/{task.name.lower()}/{k}"] == pytest.approx(float(want[k]), rel=1e-5), (task, k)
+    assert set(got) == {f"eval/loss/{k}" for k in ("joint/video", "joint/motion", "m2v/video", "v2m/motion")}
+
+
+def test_eval_and_samples_reach_the_loggers_and_leave_training_unchanged(humove: Path, tmp_path: Path) -> None:
+    """Phase 2, eval and samples at step 2 (the last): the eval losses and HuMoVe-mini metrics are in metrics.jsonl and
+    TensorBoard (scalars, and one sample grid image per task, as PNGs under samples/step-2/); sampling puts the RNG
+    state back, and the losses equal, bit for bit, those of a run without validation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from echomotion.checkpoint import rng_state
+
+    common = ("train.phase=2", "train.steps=2", "train.checkpoint_every=10", "sample.steps=2")
+    plain = in_process_trainer(humove, tmp_path / "plain", *common)
+    plain.run()
+    trainer = in_process_trainer(humove, tmp_path / "eval", *common, "train.eval_every=2", "train.sample_every=2",
+                                 f"train.eval_data={humove / 'heldout'}", "train.loggers=[jsonl,tensorboard]")
+    states, samples = [], trainer._samples
+
+    def checked() -> dict:  # a sampling must not move any RNG (the model copy's init draws from torch's)
+        states.append(rng_state())
+        out = samples()
+        states.append(rng_state())
+        return out
+
+    trainer._samples = checked
+    trainer.run()
+    assert losses(tmp_path / "eval") == losses(tmp_path / "plain")
+    before, after = states
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
+    assert all(np.array_equal(a, b) for a, b in zip(before["numpy"], after["numpy"]))
+
+    rec = read_metrics(tmp_path / "eval")[-1]
+    eval_keys = {k for k in rec if k.startswith("eval/loss/")}
+    assert eval_keys == {f"eval/loss/{k}" for k in ("joint/video", "joint/motion", "m2v/video", "v2m/motion")}
+    assert all(0 < rec[k] < 10 for k in eval_keys) and "eval/v2m_mpjpe" in rec and "eval/t2m_action_acc" in rec
+    events = EventAccumulator(str(tmp_path / "eval" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    for key in (*eval_keys, "eval/v2m_mpjpe"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(2, pytest.approx(rec[key], rel=1e-6))], key
+    tasks = ("t2vm", "t2m", "m2v", "v2m")
+    assert set(events.Tags()["images"]) == {f"samples/{t}" for t in tasks}
+    for task in tasks:
+        png = tmp_path / "eval" / "samples" / "step-2" / task / "grid.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        [image] = events.Images(f"samples/{task}")
+        assert image.step == 2 and (image.width, image.height) == Image.open(png).size
+
+
+def test_validation_config_errors_name_the_fix(humove: Path, tmp_path: Path) -> None:
+    for overrides, message in (
+        (["train.eval_every=10"], "set train.eval_data to a local folder of MDS shards"),
+        (["train.sample_every=10", f"train.eval_data={tmp_path / 'nowhere'}"], r"holds no index.json: point it at"),
+        ([f"train.eval_data={humove / 'heldout'}", "train.eval_every=10", "train.eval_sigmas=[0.5,1.0]"],
+         r"strictly between 0 \(clean\) and 1 \(pure noise\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(ROOT / "configs/tiny.yaml", overrides)
