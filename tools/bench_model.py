@@ -23,7 +23,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from echomotion.models import EchoMotionDiT  # noqa: E402
 from echomotion.models.wan_io import load_wan, wan_config  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..motion.smpl import (  # noqa: F401  (MOTION_FEATURE_DIM: the layout, for code that sizes the model)
+from ..motion.smpl import (
     MOTION_FEATURE_DIM,
     MOTION_TOKENS_PER_FRAME,
     NUM_POS_TOKENS,
@@ -23,6 +23,11 @@ from ..motion.smpl import (  # noqa: F401  (MOTION_FEATURE_DIM: the layout, for 
     split_features,
 )
 from .wan import TimeCond, WanLayerNorm, head_modulate
+
+# The model's motion input layout, for code that sizes the model from outside (parallel/plan.py): the feature width per
+# frame, the tokens per frame and their groups.
+__all__ = ["MOTION_FEATURE_DIM", "MOTION_TOKENS_PER_FRAME", "NUM_POS_TOKENS", "NUM_ROT_TOKENS", "NUM_SHAPE_TOKENS",
+           "POS_DIM", "ROT_DIM", "SHAPE_DIM", "MotionEmbed", "MotionHead"]
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
