@@ -36,6 +36,7 @@ EXTRAS = {
         "kubernetes-validate==1.37.0",  # offline Kubernetes schemas for the launcher's manifests (tests/ops)
         "tensorboard==2.21.0",  # the TensorBoard logger's test reads its event files back
         "wandb==0.31.0",  # the W&B logger's test writes an offline run and reads its .wandb file back
+        "psutil==7.2.2",  # the launcher-death test finds the workers a killed torchrun left (also a deepspeed dependency)
     ],
 }
 

@@ -246,7 +246,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{e.msg if hasattr(e, 'msg') else e} (check the key name and type against echomotion/config.py)") from e
+        first = str(getattr(e, "msg", e)).splitlines()[0]  # omegaconf appends full_key / reference_type lines
+        where = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+        raise ConfigError(f"{where}{first} (check the key name and type against echomotion/config.py)") from e
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
     return obj
@@ -357,7 +359,12 @@ def validate(cfg: Config) -> None:
     problems += _train_problems(cfg.train)
     problems += _parallel_problems(cfg.parallel, m, cfg.train)
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError(listed("invalid config", problems))
+
+
+def listed(head: str, problems: list[str]) -> str:
+    """One line, `head: problem; problem`: a scheduler's log and torchrun's failure report show a job's last line."""
+    return f"{head}: " + "; ".join(problems)
 
 
 _SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")

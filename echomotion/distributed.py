@@ -78,3 +78,14 @@ def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def first_problem(problem: Optional[str], env: DistEnv) -> Optional[str]:
+    """Collective: the lowest rank's start-up problem (None if no rank has one), on every rank, so that all ranks stop
+    together with the same message when one of them (rank 0 alone takes the run-directory lock) cannot start."""
+    if env.world_size == 1:
+        return problem
+    found: list[Optional[str]] = [None] * env.world_size
+    dist.all_gather_object(found, problem)
+    rank, first = next(((r, p) for r, p in enumerate(found) if p is not None), (0, None))
+    return first if first is None or rank == 0 else f"rank {rank}: {first}"

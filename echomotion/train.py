@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 import signal
 import statistics
 import sys
@@ -31,17 +32,19 @@ from parallel.fp8 import fp8_autocast
 
 from .checkpoint import (CheckpointManager, SaveResult, TrainState, load_model_weights, rng_state, set_rng_state,
                          superseded_dir)
-from .config import Config, TrainConfig, load_config, to_yaml
+from .config import Config, ConfigError, TrainConfig, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
 from .diffusion.tasks import TrainingBatch, training_loss
-from .distributed import DistEnv, any_rank, init_distributed, shutdown
+from .distributed import DistEnv, any_rank, first_problem, init_distributed, shutdown
 from .faults import Faults
 from .metrics import ProgressReport, PrometheusExporter, StepLoggers, peak_flops_per_device
 from .models import EchoMotionDiT, is_motion_parameter
 from .models.flops import training_flops
 from .models.wan_io import load_wan
 from .motion.smpl import MOTION_TOKENS_PER_FRAME
+from .preflight import check_inputs
+from .runlock import RunDirInUse, RunDirLock, exit_with_parent
 from .validation import Validation
 
 
@@ -482,17 +485,47 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def refuse(message: str, rank: int) -> int:
+    """A user error, not a bug: one message from rank 0, no traceback, exit code 2 (torchrun's failure report shows it)."""
+    if rank == 0:
+        print(f"echomotion: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def start_up_problem(cfg: Config, env: DistEnv, lock: RunDirLock) -> Optional[str]:
+    """What stops this rank before any model is built: a missing or unreadable input, a layout that does not fit the
+    world size, or (rank 0, which takes the run-directory lock) another job in train.run_dir."""
+    try:
+        check_inputs(cfg, env.world_size)
+        if env.is_main:
+            lock.acquire()
+    except (ConfigError, RunDirInUse) as e:
+        return str(e)
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    env = init_distributed(cfg.train.collective_timeout, Path(cfg.train.run_dir) / "flight_recorder")
+    exit_with_parent()
     try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:  # the same on every rank: no process group needed to agree
+        return refuse(str(e), int(os.environ.get("RANK", 0)))
+    env = init_distributed(cfg.train.collective_timeout, Path(cfg.train.run_dir) / "flight_recorder")
+    lock = RunDirLock(cfg.train.run_dir)
+    try:
+        problem = first_problem(start_up_problem(cfg, env, lock), env)
+        if problem is not None:
+            shutdown(clean=False)
+            return refuse(problem, env.rank)
         Trainer(cfg, env).run()
     except BaseException:
         # Other ranks may be waiting in a collective this rank will never join: leave without the barrier, so the
         # launcher sees the failure and tears the group down instead of every rank hanging.
         shutdown(clean=False)
         raise
+    finally:
+        lock.release()
     print(f"rank {env.rank} done", flush=True)
     shutdown()
     return 0

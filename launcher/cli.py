@@ -8,7 +8,10 @@
     examples    rewrite launcher/k8s/examples/ (the 1.3B on 1x8 and 5B on 8x8 H100 manifests)
 
 Trainer overrides (`train.steps=100 data.path=s3://...`) go after the options; the config is loaded and validated here,
-so a bad key fails before anything is scheduled. Object-store credentials are never printed or written (see cluster.py).
+so a bad key fails before anything is scheduled. torchrun and deepspeed also check every path and object-store location
+the config names (echomotion.preflight), as this machine sees them; slurm and the Kubernetes targets do not (the job's
+filesystem, volumes and credentials are elsewhere), and the trainer checks them at start-up before building the model.
+Object-store credentials are never printed or written (see cluster.py).
 """
 from __future__ import annotations
 
@@ -158,8 +161,9 @@ def _emit(text: str, output: Optional[str]) -> None:
 def _local_launch(
     args: argparse.Namespace, cluster: Cluster, call: TrainerCall, command: list[str], env: dict[str, str], where: str
 ) -> int:
-    """Print the environment and command (runnable as a shell snippet); with --run, become that command."""
-    cfg = call.load()
+    """Check the config and its inputs, print the environment and command (runnable as a shell snippet); with --run,
+    become that command."""
+    cfg = call.load(inputs=True)
     lines = [f"# {cluster.nodes} node(s) x {cluster.nproc_per_node} processes ({cluster.accelerator}){where}"]
     note = object_store_note(cfg.data.path, os.environ)
     if note:

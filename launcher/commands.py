@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Collection, Mapping, Optional
 
 from echomotion.config import Config, ConfigError, load_config
+from echomotion.preflight import check_inputs
 
 from .cluster import OBJECT_STORE_ENV, Cluster, LaunchError
 
@@ -22,10 +23,15 @@ class TrainerCall:
     overrides: list[str] = field(default_factory=list)
     base_dir: Path = Path(".")  # where a relative `config` is found here, to validate it before launching
 
-    def load(self) -> Config:
-        """The validated config, so a bad key fails here and not on 64 GPUs after scheduling."""
+    def load(self, inputs: bool = False) -> Config:
+        """The validated config, so a bad key fails here and not on 64 GPUs after scheduling. `inputs`: also every path
+        and object-store location it names (echomotion.preflight, the trainer's own start-up check), for a launch whose
+        processes see this machine's files and credentials."""
         try:
-            return load_config(self.base_dir / self.config, self.overrides)
+            cfg = load_config(self.base_dir / self.config, self.overrides)
+            if inputs:
+                check_inputs(cfg)
+            return cfg
         except ConfigError as e:
             raise LaunchError(f"{self.config}: {e}") from e
 

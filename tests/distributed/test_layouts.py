@@ -81,7 +81,7 @@ def run_layout(assets: list[str], out: Path, nproc: int, *extra: str, steps: int
     if nproc == 1:
         proc = subprocess.run([sys.executable, str(WORKER), *args], env=child_env(env), cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
-        assert "rank 0 done" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0 and "rank 0 done" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     else:
         run_torchrun(WORKER, nproc, args, timeout=600, env=env)
     return torch.load(out, weights_only=False)

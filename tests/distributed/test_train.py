@@ -1,8 +1,9 @@
 """The trainer end to end on HuMoVe-mini: exact resume after SIGKILL (2 ranks, gloo), crash-safe saves, phases,
-SIGTERM, NaN skipping, export."""
+SIGTERM, NaN skipping, export; start-up refusals and workers that die with their launcher under torchrun."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -27,6 +29,7 @@ from echomotion.distributed import DistEnv
 from echomotion.export import ExportError, export_checkpoint, load_exported, save_exported
 from echomotion.metrics import read_metrics
 from echomotion.models import EchoMotionDiT, is_motion_parameter
+from echomotion.runlock import RunDirLock
 from echomotion.train import Trainer, build_model, ema_update
 from tests.distributed.launch import child_env, trainer_overrides
 from tests.s3_server import free_port
@@ -51,15 +54,16 @@ def launch(nproc: int, args: list[str], env: Optional[dict] = None) -> subproces
 
 
 def finish(proc: subprocess.Popen, nproc: int, timeout: float = 300) -> str:
-    """Wait; pass when every rank printed its done line (gloo may abort at exit after that, see DESIGN.md)."""
+    """Wait; pass when the job exited 0 (what a scheduler trusts) and every rank printed its done line."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"training timed out:\n{out[-5000:]}") from None
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-5000:]}"
     for r in range(nproc):
-        assert f"rank {r} done" in out, f"rank {r} did not finish (exit {proc.returncode}):\n{out[-5000:]}"
+        assert f"rank {r} done" in out, f"rank {r} did not finish:\n{out[-5000:]}"
     return out
 
 
@@ -139,6 +143,45 @@ def test_kill_during_save_never_leaves_a_broken_latest(humove: Path, tmp_path: P
     assert "step-00000002 at step 2" in out
     assert losses(tmp_path) == straight
     assert not (tmp_path / "checkpoints/step-00000004.partial").exists()
+
+
+def test_a_user_error_under_torchrun_is_one_message_and_exit_2(humove: Path, tmp_path: Path) -> None:
+    """A missing input (the ranks agree over the process group; tests/unit/test_startup.py has the other user errors
+    in-process): rank 0 prints one line, the workers exit 2, none prints a traceback."""
+    proc = launch(2, trainer_overrides(humove, tmp_path, "data.path=/nonexistent/x"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and out.count("echomotion: error: ") == 1, out[-5000:]
+    # torchrun's report: the first worker to exit is the root cause; one still exiting may be torn down with SIGTERM
+    assert re.search(r"Root Cause.*?exitcode\s*: 2 ", out, re.DOTALL), out[-5000:]
+    assert set(re.findall(r"exitcode\s*: (-?\d+)", out)) <= {"2", "-15"}, out[-5000:]
+    assert "echomotion/train.py" not in out and "ConfigError" not in out, out[-5000:]  # torchrun's own traceback stays
+    assert not (tmp_path / "config.yaml").exists()  # refused before the Trainer
+
+
+def test_workers_do_not_outlive_a_killed_launcher(humove: Path, tmp_path: Path) -> None:
+    """SIGKILL torchrun's agent alone (not its process group): its workers die with it instead of training on as
+    orphans into the run directory, whose lock is then free for the restarted job."""
+    proc = launch(2, trainer_overrides(humove, tmp_path, "train.steps=100000", "train.checkpoint_every=100000"))
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 120
+        while 1 not in losses(tmp_path):
+            assert proc.poll() is None and time.time() < deadline, "training never reached step 1"
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(proc.pid).children() if "echomotion.train" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers {[p.pid for p in alive]} outlived their launcher"
+        RunDirLock(tmp_path).acquire().release()
+    finally:
+        for p in [proc, *workers]:  # the workers run in sessions of their own: a group kill would miss them
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()
 
 
 def in_process_trainer(humove: Path, run_dir: Path, *extra: str) -> Trainer:

@@ -59,7 +59,7 @@ def wait_for(
 
 
 def finish(procs: list[subprocess.Popen], logs: list[Path], ranks: int, timeout: float = 240) -> str:
-    """Wait for every process; pass when every rank printed its done line (gloo may abort at exit after it)."""
+    """Wait for every process; pass when each exited 0 and every rank printed its done line."""
     deadline = time.time() + timeout
     for p in procs:
         try:
@@ -68,6 +68,7 @@ def finish(procs: list[subprocess.Popen], logs: list[Path], ranks: int, timeout:
             for q in procs:
                 kill_tree(q)
     out = "\n".join(log.read_text() for log in logs)
+    assert [p.returncode for p in procs] == [0] * len(procs), f"exit codes {[p.returncode for p in procs]}:\n{out[-6000:]}"
     for r in range(ranks):
         assert f"rank {r} done" in out, f"rank {r} did not finish:\n{out[-6000:]}"
     return out

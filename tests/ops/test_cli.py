@@ -1,5 +1,5 @@
 """The launch CLI without training: exact commands, hostfiles, the sbatch script (run against stand-in srun/scontrol),
-cluster files, early config errors, and object-store secrets never printed or written."""
+cluster files, early config and input errors, and object-store secrets never printed or written."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,18 @@ from tests.ops.helpers import CONFIG
 SECRET = "ops-test-secret-value-7f3a"
 
 
+@pytest.fixture(autouse=True)
+def tiny_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The inputs configs/tiny.yaml names (relative to the working directory), as empty files: torchrun and deepspeed
+    check that they exist before printing, and nothing reads them. Returns the data stream's folder."""
+    monkeypatch.chdir(tmp_path)
+    data = Path("data/humove-mini")
+    (data / "train").mkdir(parents=True)
+    for name in ("train/index.json", "motion_stats.json", "null_text.pt"):
+        (data / name).write_text("{}")
+    return tmp_path / data / "train"
+
+
 @pytest.fixture
 def object_store_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://127.0.0.1:9")
@@ -30,7 +42,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, captured.out, captured.err
 
 
-def test_torchrun_command_elastic(capsys: pytest.CaptureFixture[str], object_store_env: None) -> None:
+def test_torchrun_command_elastic(capsys: pytest.CaptureFixture[str], object_store_env: None, tiny_inputs: Path,
+                                  s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_server.upload(tiny_inputs, "s3://bucket/humove")  # checked before printing: it must exist
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint)
     code, out, err = run_cli(
         capsys, "torchrun", "--config", CONFIG, "--nodes", "4", "--min-nodes", "2", "--nproc-per-node", "8",
         "--accelerator", "gpu", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job7", "--cpus-per-node", "64",
@@ -124,6 +139,15 @@ def test_bad_config_fails_before_anything_starts(capsys: pytest.CaptureFixture[s
     assert code == 2 and out == "" and "train.lr must be > 0" in err
     code, _, err = run_cli(capsys, "torchrun", "--config", CONFIG, "--accelerator", "cpu", "--nodes", "2", "--min-nodes", "3")
     assert code == 2 and "min_nodes=3 must be between 1 and nodes=2" in err
+
+
+def test_missing_inputs_fail_before_anything_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    """The trainer's start-up input check runs here first: a user sees one message and exit 2, not a launch command."""
+    code, out, err = run_cli(capsys, "torchrun", "--config", CONFIG, "--accelerator", "cpu", "data.path=/nonexistent/x",
+                             "train.init_wan=/nope")
+    assert code == 2 and out == "" and err.count("\n") == 1, (out, err)
+    assert err.startswith(f"launcher: {CONFIG}: cannot start: data.path: /nonexistent/x/index.json does not exist; "
+                          "train.init_wan: /nope does not exist"), err
 
 
 def test_slurm_threads_are_counted_on_the_node(capsys: pytest.CaptureFixture[str], tmp_path: Path,

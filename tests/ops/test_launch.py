@@ -59,6 +59,7 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.optional(reason="a private /dev/shm per simulated node needs root")
 @pytest.mark.skipif(not _private_shm_works(),
                     reason="needs `unshare -m` and mount (root) to give each simulated node its own /dev/shm")
 def test_two_nodes_survive_one_killed_and_restarted(humove: Path, tmp_path: Path) -> None:

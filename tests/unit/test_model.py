@@ -233,6 +233,7 @@ def test_position_aid_is_off_for_wan_and_adds_exactly_the_sincos_embedding() -> 
         assert not torch.allclose(got.video, bare(**x, task=torch.tensor([1, 1])).video, atol=1e-3)  # it does add
 
 
+@pytest.mark.optional(reason="checks the CPU-only refusal; a CUDA machine runs the flash path instead")
 def test_flash_backend_fails_clearly_without_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

@@ -25,14 +25,13 @@ import pytest
 import torch
 from torch import nn
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import WanTransformer3DModel  # noqa: E402
-from diffusers.utils import is_accelerate_available  # noqa: E402
+from diffusers import WanTransformer3DModel  # a required dev dependency: a broken install fails here, it does not skip
+from diffusers.utils import is_accelerate_available
 
-from echomotion.models import EchoMotionDiT, Prediction  # noqa: E402
-from echomotion.models.wan import sinusoidal_embedding  # noqa: E402
-from echomotion.models.wan_io import diffusers_to_original_key, load_wan, save_wan  # noqa: E402
-from echomotion.motion.smpl import MOTION_FEATURE_DIM  # noqa: E402
+from echomotion.models import EchoMotionDiT, Prediction
+from echomotion.models.wan import sinusoidal_embedding
+from echomotion.models.wan_io import diffusers_to_original_key, load_wan, save_wan
+from echomotion.motion.smpl import MOTION_FEATURE_DIM
 
 EXACT_TOLERANCE = 1e-6  # vs diffusers with Wan's float64 timestep sinusoid
 TOLERANCE = 1e-5  # vs unmodified diffusers, t <= 250

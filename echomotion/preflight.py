@@ -1,0 +1,123 @@
+"""Start-up checks that need no model: every configured input exists and can be read, and the layout fits the world size.
+
+A wrong `data.path` used to surface only after the Wan weights had loaded and FSDP had wrapped the model on every GPU; these
+checks run first, in the trainer (every rank: each node sees its own filesystem) and in `python -m launcher` before it
+prints or starts a command. Config values are checked by `config.validate`; this module checks what they point at.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .config import Config, ConfigError, DataConfig, listed
+
+INDEX = "index.json"
+STATS = "motion_stats.json"  # echomotion.data.streaming.STATS_FILENAME (not imported: that pulls in torch and streaming)
+NULL_TEXT = "null_text.pt"
+
+
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _local_problem(key: str, path: str, want_dir: bool = False) -> Optional[str]:
+    """None when `path` is a readable file (or a listable folder with `want_dir`), else what is wrong and the key to fix."""
+    p = Path(path)
+    if not p.exists():
+        return f"{key}: {path} does not exist"
+    if want_dir != p.is_dir():
+        return f"{key}: {path} is {'not a folder' if want_dir else 'a folder, not a file'}"
+    if not os.access(p, os.R_OK | (os.X_OK if want_dir else 0)):
+        return f"{key}: {path} is not readable by this user (uid {os.getuid()}): check its permissions"
+    return None
+
+
+def _remote_problem(key: str, url: str, d: DataConfig) -> Optional[str]:
+    """Fetch the small object `url` with the loader's own downloader and retries: a missing bucket, key or credential is
+    reported now, not after the model is built."""
+    from streaming.base.storage import CloudDownloader
+
+    from .data.streaming import DataError, download
+
+    downloader = CloudDownloader.get(url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="echomotion-preflight-") as tmp:
+            download(downloader, url, os.path.join(tmp, os.path.basename(url)), timeout=d.download_timeout,
+                     retries=d.download_retry, base_delay=d.retry_base_delay, max_delay=d.retry_max_delay)
+    except DataError as e:
+        return f"{key}: {e}"
+    finally:
+        downloader.clean_up()
+    return None
+
+
+def _problem(key: str, path: str, d: DataConfig) -> Optional[str]:
+    return _remote_problem(key, path, d) if _remote(path) else _local_problem(key, path)
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    if d.path is None:
+        return ["data.path is not set: point it at a folder or s3://bucket/prefix holding index.json"]
+    streams = {"data.path": d.path, **({"data.motion_only_path": d.motion_only_path} if d.motion_only_path else {})}
+    problems = [_problem(key, f"{path.rstrip('/')}/{INDEX}", d) for key, path in streams.items()]
+    problems.append(_problem("data.stats_path" if d.stats_path else "data.path (its motion_stats.json)",
+                             d.stats_path or f"{d.path.rstrip('/')}/{STATS}", d))
+    if d.null_text_path:
+        problems.append(_local_problem("data.null_text_path", d.null_text_path))
+    elif _remote(d.path):
+        problems.append("data.path is remote: copy its null_text.pt locally and set data.null_text_path")
+    else:
+        problems.append(_local_problem("data.path (its null_text.pt; or set data.null_text_path)", f"{d.path}/{NULL_TEXT}"))
+    return [p for p in problems if p]
+
+
+def _init_problems(cfg: Config) -> list[str]:
+    """The starting weights of a fresh run (a resumed one never reads them)."""
+    t = cfg.train
+    if t.init_wan:  # a single .safetensors / .pth file, or a diffusers folder
+        return [p for p in [_local_problem("train.init_wan", t.init_wan, want_dir=Path(t.init_wan).is_dir())] if p]
+    if not t.init_from:
+        return []
+    if t.init_from.endswith(".safetensors"):
+        return [p for p in [_local_problem("train.init_from", t.init_from)] if p]
+    problem = _local_problem("train.init_from", t.init_from, want_dir=True)
+    if problem is None and not (Path(t.init_from) / "meta.json").is_file():
+        problem = (f"train.init_from: {t.init_from} is neither an exported .safetensors nor a complete checkpoint folder "
+                   "(a step-N folder with meta.json)")
+    return [problem] if problem else []
+
+
+def input_problems(cfg: Config, resuming: bool) -> list[str]:
+    """What is missing or unreadable among the run's inputs: data streams (index.json), motion stats, the null-text
+    embedding, the SMPL model, the DeepSpeed JSON and, unless `resuming`, the starting weights."""
+    problems = _data_problems(cfg.data)
+    for key, path in (("model.motion.smpl_model_path", cfg.model.motion.smpl_model_path),
+                      ("parallel.deepspeed_config", cfg.parallel.deepspeed_config)):
+        if path:
+            problems.append(_local_problem(key, path))
+    if not resuming:
+        problems += _init_problems(cfg)
+    return [p for p in problems if p]
+
+
+def will_resume(cfg: Config) -> bool:
+    """Whether the run starts from a checkpoint in (or named by) train.resume, so train.init_* are not read."""
+    from .checkpoint import CheckpointManager
+
+    return CheckpointManager(cfg.train.run_dir, 0, 0).find(cfg.train.resume) is not None
+
+
+def check_inputs(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError listing every input problem (and, given `world_size`, a layout that does not fit it)."""
+    problems = input_problems(cfg, will_resume(cfg))
+    if world_size is not None:
+        from parallel.mesh import resolve_layout
+
+        try:
+            resolve_layout(cfg.parallel, world_size, cfg.model)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(listed("cannot start", problems))
