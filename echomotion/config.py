@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -238,7 +239,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Schema defaults <- YAML file (its `defaults:` list of other YAML files first) <- dotlist overrides; then validate."""
+    """Schema defaults <- YAML file (its `include:` list of other YAML files first) <- dotlist overrides; then validate."""
     cfg = OmegaConf.structured(Config)
     try:
         if path is not None:
@@ -264,14 +265,40 @@ def model_preset(name: str, overrides: list[str] | None = None) -> ModelConfig:
 
 
 def _read_yaml(path: Path) -> DictConfig:
+    """One YAML file over the files its `include:` list names (paths relative to it, merged in order, each first)."""
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     raw = OmegaConf.load(path)
-    includes = raw.pop("defaults", []) if isinstance(raw, DictConfig) else []
     merged = OmegaConf.create()
-    for inc in includes:
-        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(inc)).resolve()))
+    for inc in _includes(raw, path) if isinstance(raw, DictConfig) else []:
+        merged = OmegaConf.merge(merged, _read_yaml((path.parent / inc).resolve()))
     return OmegaConf.merge(merged, raw)
+
+
+def _includes(raw: DictConfig, path: Path) -> list[str]:
+    """Pop the file's include list. `defaults:`, its old name, still works with a warning (a FutureWarning: Python shows
+    those to users, while a DeprecationWarning outside __main__ is hidden)."""
+    if "defaults" in raw:
+        if "include" in raw:
+            raise ConfigError(f"{path}: has both `include:` and `defaults:`; merge them into `include:`")
+        warnings.warn(f"{path}: `defaults:` is deprecated, rename it to `include:` (the same list of YAML files)",
+                      FutureWarning, stacklevel=3)
+    entries = raw.pop("include" if "include" in raw else "defaults", None)
+    if entries is None:
+        return []
+    if not isinstance(entries, ListConfig):
+        raise ConfigError(f"{path}: `include:` must be a list of YAML paths, e.g. `include: [model/tiny.yaml]`")
+    for entry in entries:
+        if isinstance(entry, str):
+            continue
+        shown = OmegaConf.to_container(entry) if isinstance(entry, (DictConfig, ListConfig)) else entry
+        hint = "model/tiny.yaml"
+        if isinstance(shown, dict) and len(shown) == 1:
+            ((group, name),) = shown.items()
+            hint = f"{group}/{name}.yaml"
+        raise ConfigError(f"{path}: include entry {shown!r} is not a file path; `include:` is not Hydra's `defaults:` "
+                          f"(there are no config groups): name the YAML file relative to {path.name}, e.g. `- {hint}`")
+    return list(entries)
 
 
 def to_yaml(cfg: Config) -> str:

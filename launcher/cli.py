@@ -34,7 +34,7 @@ from .commands import (
     slurm_script,
     torchrun_c10d,
 )
-from .manifests import PodSettings, render_examples, render_jobset, render_pytorchjob, to_yaml
+from .manifests import IMAGE_TAG, IMAGE_WORKDIR, PodSettings, render_examples, render_jobset, render_pytorchjob, to_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = Path(__file__).resolve().parent / "k8s" / "examples"
@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
     k8s = argparse.ArgumentParser(add_help=False)
     k8s.add_argument("--name", required=True, help="job name (DNS label, <= 40 characters)")
-    k8s.add_argument("--image", required=True)
+    k8s.add_argument("--image", required=True,
+                     help=f"the image the Dockerfile builds, tagged with the version: REGISTRY/echomotion:{IMAGE_TAG}")
     k8s.add_argument("--namespace")
     k8s.add_argument("--cpus", type=int, help="CPU request per pod")
     k8s.add_argument("--memory", help="memory request and limit per pod, e.g. 960Gi")
@@ -110,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     k8s.add_argument("--metrics-port", type=int, default=9480)
     k8s.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
     k8s.add_argument("--resource", action="append", metavar="NAME=COUNT", help="extra resource limit, e.g. rdma/ib=1")
-    k8s.add_argument("--workdir", help="the checkout inside the image (default: the image's WORKDIR)")
+    k8s.add_argument("--workdir", default=IMAGE_WORKDIR,
+                     help=f"the checkout inside the image (default: the Dockerfile's WORKDIR, {IMAGE_WORKDIR})")
     k8s.add_argument("--output", "-o", help="write the manifest here instead of printing it")
     pj = sub.add_parser("pytorchjob", parents=[common, k8s], help="Kubeflow PyTorchJob manifest")
     pj.add_argument("--min-nodes", type=int, help="elastic: Workers only, with an elasticPolicy")

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import yaml
 
+from echomotion import __version__
+
 from .cluster import OBJECT_STORE_ENV, Cluster, LaunchError, backend_env
 from .commands import TrainerCall, torchrun_c10d, torchrun_static
 
@@ -32,6 +34,10 @@ CACHE_MOUNT = "/cache"
 PYTORCHJOB_PORT = 23456  # the training operator's default; it reads the port named pytorchjob-port
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 GRACE_MARGIN_S = 60  # beyond torchrun's shutdown timeout: interpreter exit, log flush
+# The image the Dockerfile builds: the checkout at this WORKDIR, run as this non-root uid, tagged with the version.
+IMAGE_WORKDIR = "/opt/echomotion"
+IMAGE_UID = 1000
+IMAGE_TAG = __version__
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -52,7 +58,7 @@ class PodSettings:
     master_port: int = 29500  # JobSet: the static rendezvous port on pod 0
     node_selector: dict[str, str] = field(default_factory=dict)
     extra_resources: dict[str, str] = field(default_factory=dict)  # e.g. {"rdma/ib": "1"}, added to the limits
-    workdir: Optional[str] = None  # the checkout inside the image (configs/ relative to it); None = the image's WORKDIR
+    workdir: Optional[str] = IMAGE_WORKDIR  # the checkout inside the image (configs/ relative to it); None = WORKDIR
 
     def validate(self) -> None:
         if len(self.name) > 40 or not _DNS_LABEL.match(self.name):
@@ -61,6 +67,16 @@ class PodSettings:
             )
         if not self.image:
             raise LaunchError("image is required: the container image holding this checkout and its dependencies")
+
+
+def pull_policy(image: str) -> str:
+    """A pinned tag or digest never changes, so a node's copy is current (IfNotPresent); `:latest` or no tag moves, so a
+    node could run a stale copy (Always)."""
+    if "@" in image:
+        return "IfNotPresent"
+    name = image.rsplit("/", 1)[-1]
+    tag = name.split(":", 1)[1] if ":" in name else "latest"
+    return "Always" if tag == "latest" else "IfNotPresent"
 
 
 def termination_grace(cluster: Cluster) -> int:
@@ -107,7 +123,7 @@ def _pod_template(
     container: dict[str, Any] = {
         "name": container_name,
         "image": pod.image,
-        "imagePullPolicy": "IfNotPresent",
+        "imagePullPolicy": pull_policy(pod.image),
         "command": command,
         "env": env,
         "ports": ports,
@@ -122,6 +138,9 @@ def _pod_template(
         container["workingDir"] = pod.workdir
     spec: dict[str, Any] = {
         "terminationGracePeriodSeconds": termination_grace(cluster),
+        # the image's non-root user; fsGroup makes the checkpoint volume writable by it
+        "securityContext": {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID,
+                            "fsGroup": IMAGE_UID},
         "containers": [container],
         "volumes": [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": pod.shm_size}},
@@ -270,7 +289,7 @@ EXAMPLES: dict[str, tuple[Cluster, list[str], str]] = {
         "configs/model/wan2.2-5b.yaml",
     ),
 }
-EXAMPLE_IMAGE = "registry.example.com/echomotion:latest"
+EXAMPLE_IMAGE = f"registry.example.com/echomotion:{IMAGE_TAG}"
 
 
 def render_examples(root: Path) -> dict[str, str]:
