@@ -473,7 +473,12 @@ class MotionStats:
     @classmethod
     def load(cls, path: str | Path, feature_dim: int = MOTION_FEATURE_DIM) -> "MotionStats":
         """Load stats saved by save(); feature_dim is what the caller's model expects."""
-        d = json.loads(Path(path).read_text())
+        return cls.from_json(Path(path).read_text(), str(path), feature_dim)
+
+    @classmethod
+    def from_json(cls, text: str, source: str, feature_dim: int = MOTION_FEATURE_DIM) -> "MotionStats":
+        """What save() wrote, from wherever it is kept (a file, an export); `source` names it in errors."""
+        path, d = source, json.loads(text)
         if d.get("version") != cls.VERSION:
             raise ValueError(f"{path}: motion stats version {d.get('version')}, this code reads {cls.VERSION}")
         if d["feature_dim"] != feature_dim or len(d["mean"]) != feature_dim or len(d["std"]) != feature_dim:
