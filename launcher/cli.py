@@ -33,7 +33,7 @@ from .commands import (
     slurm_script,
     torchrun_c10d,
 )
-from .manifests import PodSettings, render_examples, render_jobset, render_pytorchjob, to_yaml
+from .manifests import PodSettings, render_examples, render_jobset, render_pytorchjob, to_yaml, toleration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = Path(__file__).resolve().parent / "k8s" / "examples"
@@ -118,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="Secret holding AWS_* / S3_ENDPOINT_URL keys; '' = none")
     k8s.add_argument("--metrics-port", type=int, default=9480)
     k8s.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
+    k8s.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                     help="tolerate a node taint, e.g. nvidia.com/gpu=present:NoSchedule; repeatable")
+    k8s.add_argument("--priority-class", help="priorityClassName")
+    k8s.add_argument("--queue", help="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)")
+    k8s.add_argument("--service-account", help="serviceAccountName, e.g. for workload identity")
+    k8s.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET", help="repeatable")
     k8s.add_argument("--resource", action="append", metavar="NAME=COUNT", help="extra resource limit, e.g. rdma/ib=1")
     k8s.add_argument("--workdir", help="the checkout inside the image (default: the image's WORKDIR)")
     k8s.add_argument("--output", "-o", help="write the manifest here instead of printing it")
@@ -239,6 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             credentials_secret=args.credentials_secret or None, metrics_port=args.metrics_port,
             node_selector=_key_values(args.node_selector, "--node-selector"),
             extra_resources=_key_values(args.resource, "--resource"), workdir=args.workdir,
+            tolerations=[toleration(t) for t in args.toleration], priority_class=args.priority_class, queue=args.queue,
+            service_account=args.service_account, image_pull_secrets=args.image_pull_secret,
             **({"master_port": args.master_port} if args.target == "jobset" else {}),
         )
         render = render_pytorchjob if args.target == "pytorchjob" else render_jobset
