@@ -55,12 +55,12 @@ class InferenceContext:
                  vae_path: Optional[str] = None, text_encoder_path: Optional[str] = None):
         """`data`: the dataset folder, for clips (m2v, v2m); the export's own data files win over the folder's, since
         they are what the model was trained with. An old export without them needs `data`."""
-        assets = read_data_assets(checkpoint)
-        if assets is None and data is None:
+        assets = read_data_assets(checkpoint) or (DataAssets.from_folder(data) if data is not None else None)
+        if assets is None:
             raise ValueError(f"{checkpoint} was exported without its dataset's files (motion stats, null text, codec): "
                              "pass --data <dataset folder>, or re-export it with tools/export_checkpoint.py --data")
         model, cfg = load_exported(checkpoint, device=device)
-        self._attach(model, cfg, assets or DataAssets.from_folder(data), data, device, vae_path, text_encoder_path)  # type: ignore[arg-type]
+        self._attach(model, cfg, assets, data, device, vae_path, text_encoder_path)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, cfg: Config, data: str | Path, device: str = "cpu") -> "InferenceContext":
