@@ -226,6 +226,13 @@ class PrometheusExporter:
     carry a `rank` label: skew between ranks shows there. `echomotion_process_*` (RSS, CPU, start time) comes from every
     process. `termination_grace` is the SIGTERM-to-SIGKILL time the job runs under (train.termination_grace), served so
     an alert can compare checkpoint time with it. Names and labels: docs/operations.md.
+
+    Names follow Prometheus' guide: what accumulates is a counter (`echomotion_samples_total`, `echomotion_tokens_total`,
+    incremented by each step's global count; throughput is their rate(), which, unlike a last-step gauge, averages over
+    every step between scrapes), a ratio ends in `_ratio`, per-step durations are histograms (step time, data wait,
+    checkpoint duration and blocked time). `echomotion_checkpoint_save_seconds` stays a last-value gauge: saves are
+    minutes apart, and the EchoMotionCheckpointNearGrace alert must keep comparing the latest one with the grace between
+    saves, which a histogram's rate over a window cannot.
     """
 
     def __init__(self, port: int, rank: int, addr: str = "0.0.0.0", *, termination_grace: float):
@@ -239,9 +246,9 @@ class PrometheusExporter:
         self.grad_norm = Gauge("echomotion_grad_norm", "Global gradient norm before clipping", registry=job)
         self.lr = Gauge("echomotion_learning_rate", "Learning rate", registry=job)
         self.step = Gauge("echomotion_step", "Last finished optimizer step", registry=job)
-        self.samples_per_s = Gauge("echomotion_samples_per_second", "Global training samples per second", registry=job)
-        self.tokens_per_s = Gauge("echomotion_tokens_per_second", "Global training tokens per second", registry=job)
-        self.mfu = Gauge("echomotion_mfu", "Model FLOPs utilization (0..1)", registry=job)
+        self.samples = Counter("echomotion_samples", "Training samples consumed, all ranks", registry=job)
+        self.tokens = Counter("echomotion_tokens", "Training tokens consumed, all ranks", registry=job)
+        self.mfu = Gauge("echomotion_mfu_ratio", "Model FLOPs utilization of the last step (0..1)", registry=job)
         self.skipped = Counter("echomotion_skipped_steps", "Steps skipped for NaN/Inf loss or gradient", registry=job)
         self.nan_streak = Gauge("echomotion_nan_streak", "Skipped (NaN/Inf) steps in a row up to the last step", registry=job)
         self.ckpt_seconds = Gauge("echomotion_checkpoint_save_seconds", "Duration of the last checkpoint save", registry=job)
@@ -270,7 +277,8 @@ class PrometheusExporter:
             "echomotion_rank_compute_seconds",
             "This rank's compute time of the last step, before it blocked at the step-end collective", ["rank"], registry=r,
         )
-        self.data_wait = Gauge("echomotion_data_wait_seconds", "Time the last step waited for data", ["rank"], registry=r)
+        self.data_wait = Histogram("echomotion_data_wait_seconds", "Time a step waited for data", ["rank"], registry=r,
+                                   buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
         self.memory = Gauge(
             "echomotion_memory_max_allocated_bytes", "Peak accelerator memory (peak process RSS on CPU)", ["rank"], registry=r
         )
@@ -287,7 +295,7 @@ class PrometheusExporter:
     def observe_step(self, rec: dict[str, Any], job_level: bool) -> None:
         self.step_time.labels(self.rank).observe(rec["step_time"])
         self.compute.labels(self.rank).set(rec["compute_s"])
-        self.data_wait.labels(self.rank).set(rec["data_wait"])
+        self.data_wait.labels(self.rank).observe(rec["data_wait"])
         memory = rec.get("memory_bytes")
         self.memory.labels(self.rank).set(memory if memory is not None else _peak_rss_bytes())
         for key, gauge in (("memory_reserved_bytes", self.memory_reserved), ("memory_total_bytes", self.memory_total)):
@@ -299,6 +307,8 @@ class PrometheusExporter:
         if not job_level:
             return
         self.step.set(rec["step"])
+        self.samples.inc(rec["samples"])
+        self.tokens.inc(rec["tokens"])
         if rec.get("loss") is not None:
             self.loss.labels("all", "all").set(rec["loss"])
         for key, value in rec.items():
@@ -306,8 +316,7 @@ class PrometheusExporter:
                 parts = key.split("/")[1:]
                 task, modality = ("all", parts[0]) if len(parts) == 1 else parts
                 self.loss.labels(task, modality).set(value)
-        for key, gauge in (("grad_norm", self.grad_norm), ("lr", self.lr), ("samples_per_s", self.samples_per_s),
-                           ("tokens_per_s", self.tokens_per_s), ("mfu", self.mfu), ("nan_streak", self.nan_streak)):
+        for key, gauge in (("grad_norm", self.grad_norm), ("lr", self.lr), ("mfu", self.mfu), ("nan_streak", self.nan_streak)):
             if rec.get(key) is not None:
                 gauge.set(rec[key])
 

@@ -1,19 +1,20 @@
 """Sampling CLI: text -> video + motion, text -> motion, motion -> video, video -> motion, from an exported checkpoint.
 
-    python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task t2vm --prompt "a person ..."
+    python -m echomotion.sample --checkpoint model.safetensors --task t2vm --prompt "a person ..."
     python -m echomotion.sample --checkpoint model.safetensors --data data/humove-mini --task m2v --clip hm-000005
 
 Each sample gets a folder with `video.mp4` (decoded), `motion.npz` (SMPL), `skeleton.mp4` (the motion rendered),
 `side_by_side.mp4`, `preview.gif` (the last two side by side, for reports) and `caption.txt`. The folder is named after the
 clip id or the prompt (a slug of its first 60 characters); a name already taken in the run (a repeated --clip or prompt,
-or two prompts that start alike) gets `-2`, `-3`, ... The dataset folder supplies the codec, text encoder, motion
-statistics and null text the model was trained with (its `dataset.json`).
+or two prompts that start alike) gets `-2`, `-3`, ... The export carries the codec and text-encoder identity, motion
+statistics and null text of the data the model was trained with (`echomotion.export.DataAssets`), so t2vm and t2m need
+nothing else; `--data` (the dataset folder) supplies the clips of m2v and v2m, and those files for an export written
+before exports carried them.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,12 @@ import torch
 
 from .cli import user_errors
 from .config import Config
-from .data.encoders import TextEncoder, pad_text, text_encoder_from, video_codec_from
+from .data.encoders import TextEncoder, pad_text, text_encoder_from
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
 from .diffusion.sampler import GENERATED, TASKS, sample
-from .export import load_exported
-from .motion import MotionStats, SMPLMotion, render_skeleton, side_by_side
+from .export import DataAssets, load_exported, read_data_assets
+from .motion import SMPLMotion, render_skeleton, side_by_side
 
 
 class UnknownClipError(KeyError):
@@ -50,32 +51,35 @@ class Generated:
 class InferenceContext:
     """An exported model plus what its training data used: video codec, text encoder, motion stats, null text."""
 
-    def __init__(self, checkpoint: str | Path, data: str | Path, device: str = "cpu",
+    def __init__(self, checkpoint: str | Path, data: str | Path | None = None, device: str = "cpu",
                  vae_path: Optional[str] = None, text_encoder_path: Optional[str] = None):
+        """`data`: the dataset folder, for clips (m2v, v2m); the export's own data files win over the folder's, since
+        they are what the model was trained with. An old export without them needs `data`."""
+        assets = read_data_assets(checkpoint) or (DataAssets.from_folder(data) if data is not None else None)
+        if assets is None:
+            raise ValueError(f"{checkpoint} was exported without its dataset's files (motion stats, null text, codec): "
+                             "pass --data <dataset folder>, or re-export it with tools/export_checkpoint.py --data")
         model, cfg = load_exported(checkpoint, device=device)
-        self._attach(model, cfg, data, device, vae_path, text_encoder_path)
+        self._attach(model, cfg, assets, data, device, vae_path, text_encoder_path)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, cfg: Config, data: str | Path, device: str = "cpu") -> "InferenceContext":
         """A context around a model in memory (the trainer's sampling during training) instead of an exported file."""
         ctx = cls.__new__(cls)
-        ctx._attach(model, cfg, data, device, None, None)
+        ctx._attach(model, cfg, DataAssets.from_folder(data), data, device, None, None)
         return ctx
 
-    def _attach(self, model: torch.nn.Module, cfg: Config, data: str | Path, device: str, vae_path: Optional[str],
-                text_encoder_path: Optional[str]) -> None:
-        self.data = Path(data)
-        info_path = self.data / "dataset.json"
-        if not info_path.exists():
-            raise FileNotFoundError(f"{info_path} not found: --data must be a dataset folder written by the data tools")
-        self.info = json.loads(info_path.read_text())
+    def _attach(self, model: torch.nn.Module, cfg: Config, assets: DataAssets, data: str | Path | None, device: str,
+                vae_path: Optional[str], text_encoder_path: Optional[str]) -> None:
+        self.assets, self.data = assets, None if data is None else Path(data)
+        self.info = assets.info
         self.model, self.cfg = model, cfg
         self.device = torch.device(device)
-        self.codec = video_codec_from(self.info["video_codec"], self.data, vae_path, device=device)
+        self.codec = assets.codec(vae_path, device=device)
         self._text_encoder_path = text_encoder_path
-        self.stats = MotionStats.load(self.data / "motion_stats.json")
+        self.stats = assets.stats()
         self.text_len = self.cfg.text_len
-        self.null_text = self.pad_text([torch.load(self.data / "null_text.pt", weights_only=True)])[0]
+        self.null_text = self.pad_text([assets.null_text()])[0]
         self.fps = float(self.info["fps"])
 
     @functools.cached_property
@@ -92,6 +96,8 @@ class InferenceContext:
 
     def clips(self, split: str, ids: Optional[Sequence[str]] = None) -> list[Sample]:
         """Samples of a shard split, in id order (all of them, or the given ids; unknown ids are an error)."""
+        if self.data is None:
+            raise ValueError(f"clips come from a dataset folder: pass --data <dataset folder> (with its {split}/ split)")
         found = {s.clip_id: s for s in iter_samples(self.data / split)}
         if ids is None:
             return [found[k] for k in sorted(found)]
@@ -109,7 +115,7 @@ class InferenceContext:
         if bad:
             raise ValueError(
                 f"{task}: clips {bad} (id: {'motion' if task == 'm2v' else 'video'} frames) do not have the "
-                f"num_frames={want} of {self.data / 'dataset.json'}, which sets the other modality's length; pick clips "
+                f"num_frames={want} of {self.assets.source}'s dataset.json, which sets the other modality's length; pick clips "
                 f"of {want} frames, or pass --data the dataset folder those clips came from"
             )
 
@@ -255,7 +261,8 @@ def _write_video(path: Path, frames: np.ndarray, fps: float, scale: int) -> None
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Sample EchoMotion from an exported checkpoint")
     p.add_argument("--checkpoint", required=True, help="exported .safetensors (tools/export_checkpoint.py)")
-    p.add_argument("--data", required=True, help="dataset folder with dataset.json, motion_stats.json, null_text.pt")
+    p.add_argument("--data", help="dataset folder: the clips of m2v and v2m (--split); for an export without its "
+                                  "dataset's files also dataset.json, motion_stats.json, null_text.pt")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--prompt", action="append", default=[], help="text prompt (t2vm, t2m); repeatable")
     p.add_argument("--prompts", help="file with one prompt per line")

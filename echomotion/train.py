@@ -354,6 +354,8 @@ class Trainer:
             **self._across_ranks(acc["logs"], acc["compute"]),
             "grad_norm": grad_norm,
             "lr": lr,
+            "samples": acc["samples"] * dp,  # the step's global counts (the exporter's counters)
+            "tokens": acc["tokens"] * dp,
             "samples_per_s": acc["samples"] * dp / step_time,
             "tokens_per_s": acc["tokens"] * dp / step_time,
             "step_time": step_time,

@@ -2,7 +2,7 @@
 
     torchrun    the torchrun command for this node (c10d rendezvous, elastic restarts); --run executes it
     deepspeed   writes the hostfile and prints the deepspeed launcher command for one node; --run executes it
-    slurm       an sbatch script (one torchrun agent per node)
+    slurm       an sbatch script (one torchrun agent per node); creates its log folder; --submit runs sbatch on it
     pytorchjob  a Kubeflow PyTorchJob manifest
     jobset      a JobSet manifest
     examples    rewrite launcher/k8s/examples/ (the 1.3B on 1x8 and 5B on 8x8 H100 manifests)
@@ -19,6 +19,7 @@ import argparse
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -31,10 +32,12 @@ from .commands import (
     hostfile_text,
     shell_exports,
     shell_join,
+    SlurmJob,
     slurm_script,
     torchrun_c10d,
 )
-from .manifests import IMAGE_TAG, IMAGE_WORKDIR, PodSettings, render_examples, render_jobset, render_pytorchjob, to_yaml
+from .manifests import (IMAGE_TAG, IMAGE_WORKDIR, PodSettings, render_examples, render_jobset, render_pytorchjob, to_yaml,
+                        toleration)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = Path(__file__).resolve().parent / "k8s" / "examples"
@@ -93,8 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--partition")
     s.add_argument("--account")
     s.add_argument("--rdzv-port", type=int, default=29400)
-    s.add_argument("--log-dir", default="logs", help="where Slurm writes %%x-%%j.out")
+    s.add_argument("--qos")
+    s.add_argument("--constraint", help="node features, e.g. 'h100&ib'")
+    s.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    s.add_argument("--mem", help="memory per node, e.g. 900G (0: all of it)")
+    s.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="another #SBATCH line, e.g. --sbatch=--reservation=big; repeatable")
+    s.add_argument("--log-dir", default="logs",
+                   help="where Slurm writes %%x-%%j.out; made absolute and created now, since Slurm opens the file "
+                        "before the script runs")
     s.add_argument("--output", "-o", help="write the script here instead of printing it")
+    s.add_argument("--submit", action="store_true", help="write the script (to --output, else <log-dir>/<job-name>.sbatch) "
+                                                         "and submit it with sbatch")
 
     k8s = argparse.ArgumentParser(add_help=False)
     k8s.add_argument("--name", required=True, help="job name (DNS label, <= 40 characters)")
@@ -110,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="Secret holding AWS_* / S3_ENDPOINT_URL keys; '' = none")
     k8s.add_argument("--metrics-port", type=int, default=9480)
     k8s.add_argument("--node-selector", action="append", metavar="KEY=VALUE")
+    k8s.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                     help="tolerate a node taint, e.g. nvidia.com/gpu=present:NoSchedule; repeatable")
+    k8s.add_argument("--priority-class", help="priorityClassName")
+    k8s.add_argument("--queue", help="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)")
+    k8s.add_argument("--service-account", help="serviceAccountName, e.g. for workload identity")
+    k8s.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET", help="repeatable")
     k8s.add_argument("--resource", action="append", metavar="NAME=COUNT", help="extra resource limit, e.g. rdma/ib=1")
     k8s.add_argument("--workdir", default=IMAGE_WORKDIR,
                      help=f"the checkout inside the image (default: the Dockerfile's WORKDIR, {IMAGE_WORKDIR})")
@@ -178,6 +197,28 @@ def _local_launch(
     os.execve(argv[0], argv, {**os.environ, **env})  # signals (SIGTERM) now reach torchrun / deepspeed directly
 
 
+def _slurm(args: argparse.Namespace, call: TrainerCall) -> int:
+    """Render the sbatch script, create its log folder and, with --submit, hand it to sbatch."""
+    cluster = _cluster(args, lambda: "gpu")
+    cfg = call.load()
+    job = SlurmJob(
+        log_dir=Path(args.log_dir).resolve(), job_name=args.job_name, time_limit=args.time, rdzv_port=args.rdzv_port,
+        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+        exclusive=args.exclusive, mem=args.mem, extra=args.sbatch,
+    )
+    script = slurm_script(cluster, call, backend_env(cluster, c10d=True), job,
+                          remote_data=str(cfg.data.path or "").startswith("s3://"))
+    job.create_log_dir()
+    output = args.output or (str(job.log_dir / f"{job.job_name}.sbatch") if args.submit else None)
+    _emit(script, output)
+    if args.submit:
+        sbatch = shutil.which("sbatch")
+        if sbatch is None:
+            raise LaunchError(f"sbatch is not on PATH: submit {output} from a Slurm login node (sbatch {output})")
+        return subprocess.run([sbatch, str(output)]).returncode
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -203,15 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             env = {**backend_env(cluster, c10d=False), "LOCAL_WORLD_SIZE": str(cluster.nproc_per_node)}
             return _local_launch(args, cluster, call, command, env, where if len(hosts) > 1 else "")
         if args.target == "slurm":
-            cluster = _cluster(args, lambda: "gpu")
-            cfg = call.load()
-            script = slurm_script(
-                cluster, call, backend_env(cluster, c10d=True), job_name=args.job_name, time_limit=args.time,
-                rdzv_port=args.rdzv_port, log_dir=args.log_dir, partition=args.partition, account=args.account,
-                remote_data=str(cfg.data.path or "").startswith("s3://"),
-            )
-            _emit(script, args.output)
-            return 0
+            return _slurm(args, call)
         cluster = _cluster(args, lambda: "gpu")
         pod = PodSettings(
             name=args.name, image=args.image, namespace=args.namespace, cpus=args.cpus, memory=args.memory,
@@ -219,6 +252,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             credentials_secret=args.credentials_secret or None, metrics_port=args.metrics_port,
             node_selector=_key_values(args.node_selector, "--node-selector"),
             extra_resources=_key_values(args.resource, "--resource"), workdir=args.workdir,
+            tolerations=[toleration(t) for t in args.toleration], priority_class=args.priority_class, queue=args.queue,
+            service_account=args.service_account, image_pull_secrets=args.image_pull_secret,
             **({"master_port": args.master_port} if args.target == "jobset" else {}),
         )
         render = render_pytorchjob if args.target == "pytorchjob" else render_jobset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Mapping, Optional
+from typing import Collection, Mapping, Optional, Sequence
 
 from echomotion.config import Config, ConfigError, load_config
 from echomotion.preflight import check_inputs
@@ -118,19 +118,44 @@ def shell_join(words: list[str], expand: Collection[str] = ()) -> str:
     return " ".join(f'"{w}"' if w in expand else shlex.quote(w) for w in words)
 
 
-def slurm_script(
-    cluster: Cluster,
-    call: TrainerCall,
-    env: Mapping[str, str],
-    *,
-    job_name: str,
-    time_limit: str,
-    rdzv_port: int,
-    log_dir: str,
-    partition: Optional[str] = None,
-    account: Optional[str] = None,
-    remote_data: bool = False,
-) -> str:
+@dataclass
+class SlurmJob:
+    """The scheduler's side of an sbatch script: name, limits, placement. `log_dir` is absolute: Slurm opens
+    `<log_dir>/%x-%j.out` before the script runs (a relative path from the submission folder, wherever that is), and a
+    missing folder fails the job with no output anywhere, so it must exist before sbatch (see `create_log_dir`)."""
+
+    log_dir: Path
+    job_name: str = "echomotion"
+    time_limit: str = "48:00:00"
+    rdzv_port: int = 29400
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None  # node features, e.g. "h100&ib"
+    exclusive: bool = False  # whole nodes, no other job's processes beside ours
+    mem: Optional[str] = None  # memory per node, e.g. "900G" or "0" (all of it)
+    extra: Sequence[str] = ()  # further sbatch options, e.g. "--reservation=big", each its own #SBATCH line
+
+    def directives(self) -> list[str]:
+        """The #SBATCH options that come from this job description (the cluster sets the sizes)."""
+        optional = {"partition": self.partition, "account": self.account, "qos": self.qos,
+                    "constraint": self.constraint, "mem": self.mem}
+        lines = [f"--job-name={self.job_name}", f"--time={self.time_limit}"]
+        lines += [f"--{k}={v}" for k, v in optional.items() if v]
+        lines += (["--exclusive"] if self.exclusive else []) + [f"--output={self.log_dir}/%x-%j.out"]
+        for line in self.extra:
+            if not line.startswith("-"):
+                raise LaunchError(f"--sbatch {line!r}: give an sbatch option as written after #SBATCH, e.g. --reservation=big")
+            lines.append(line)
+        return [f"#SBATCH {line}" for line in lines]
+
+    def create_log_dir(self) -> None:
+        """The folder Slurm writes the job's output into: created by whoever renders or submits the script, since the
+        script itself runs only after Slurm has opened the file."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+
+def slurm_script(cluster: Cluster, call: TrainerCall, env: Mapping[str, str], job: SlurmJob, remote_data: bool = False) -> str:
     """An sbatch script: one torchrun agent per node (srun), c10d rendezvous on the first node, SIGTERM
     `shutdown_timeout` + 60 s before the time limit (the trainer checkpoints and exits), requeue on preemption. The
     submitter's environment is exported to the job (`--export=ALL`), which is how object-store credentials arrive: they
@@ -138,15 +163,11 @@ def slurm_script(
     gpu = cluster.accelerator == "gpu"
     head = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
         f"#SBATCH --nodes={cluster.nodes}",
         "#SBATCH --ntasks-per-node=1",
         *([f"#SBATCH --gpus-per-node={cluster.nproc_per_node}"] if gpu else []),
         *([f"#SBATCH --cpus-per-task={cluster.cpus_per_node}"] if cluster.cpus_per_node else []),
-        f"#SBATCH --time={time_limit}",
-        *([f"#SBATCH --partition={partition}"] if partition else []),
-        *([f"#SBATCH --account={account}"] if account else []),
-        f"#SBATCH --output={log_dir}/%x-%j.out",
+        *job.directives(),
         f"#SBATCH --signal=TERM@{cluster.shutdown_timeout + 60}",
         "#SBATCH --requeue",
         "#SBATCH --export=ALL",
@@ -166,7 +187,7 @@ def slurm_script(
         body.append(f"export OMP_NUM_THREADS=$(( SLURM_CPUS_ON_NODE / {n} > 1 ? SLURM_CPUS_ON_NODE / {n} : 1 ))"
                     "  # the allocation's CPUs per node / processes per node")
     body.append('head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)')
-    torchrun = torchrun_c10d(cluster, call, endpoint=f"${{head_node}}:{rdzv_port}", rdzv_id="${SLURM_JOB_ID}")
+    torchrun = torchrun_c10d(cluster, call, endpoint=f"${{head_node}}:{job.rdzv_port}", rdzv_id="${SLURM_JOB_ID}")
     node_vars = [w for w in torchrun if w.startswith(("--rdzv_endpoint=", "--rdzv_id="))]
     body.append("srun --kill-on-bad-exit=1 " + shell_join(torchrun, expand=node_vars))
     return "\n".join(head + body) + "\n"

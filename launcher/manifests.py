@@ -14,6 +14,10 @@ a Secret, and give the trainer `terminationGracePeriodSeconds` beyond torchrun's
 checkpoint, and pass that grace to the trainer as `train.termination_grace` (its exporter reports it for the
 EchoMotionCheckpointNearGrace alert). Prometheus scrape annotations point at local rank 0's exporter; every rank's port
 is declared as `metrics-<local rank>` for the per-rank scrape config in launcher/monitoring/prometheus-scrape.yml.
+
+Scheduling on a shared cluster: node selectors and tolerations (tainted GPU nodes), a priorityClassName, a Kueue queue
+(the `kueue.x-k8s.io/queue-name` label on the job, which Kueue admits as a whole), a serviceAccount (workload identity)
+and imagePullSecrets (a private registry).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ IMAGE_WORKDIR = "/opt/echomotion"
 IMAGE_UID = 1000
 IMAGE_TAG = __version__
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 
 @dataclass
@@ -59,6 +65,11 @@ class PodSettings:
     node_selector: dict[str, str] = field(default_factory=dict)
     extra_resources: dict[str, str] = field(default_factory=dict)  # e.g. {"rdma/ib": "1"}, added to the limits
     workdir: Optional[str] = IMAGE_WORKDIR  # the checkout inside the image (configs/ relative to it); None = WORKDIR
+    tolerations: list[dict[str, str]] = field(default_factory=list)  # Kubernetes Toleration objects (see toleration())
+    priority_class: Optional[str] = None  # priorityClassName
+    queue: Optional[str] = None  # Kueue LocalQueue: the job's kueue.x-k8s.io/queue-name label
+    service_account: Optional[str] = None  # serviceAccountName
+    image_pull_secrets: list[str] = field(default_factory=list)  # Secret names for a private registry
 
     def validate(self) -> None:
         if len(self.name) > 40 or not _DNS_LABEL.match(self.name):
@@ -77,6 +88,18 @@ def pull_policy(image: str) -> str:
     name = image.rsplit("/", 1)[-1]
     tag = name.split(":", 1)[1] if ":" in name else "latest"
     return "Always" if tag == "latest" else "IfNotPresent"
+
+
+def toleration(text: str) -> dict[str, str]:
+    """`KEY[=VALUE][:EFFECT]` (kubectl taint's spelling) -> a Toleration: Equal with a value, else Exists; no effect
+    tolerates every effect of that key."""
+    rest, _, effect = text.partition(":")
+    key, eq, value = rest.partition("=")
+    if not key or (effect and effect not in TAINT_EFFECTS):
+        raise LaunchError(f"--toleration {text!r}: expected KEY[=VALUE][:EFFECT] with EFFECT one of "
+                          f"{', '.join(TAINT_EFFECTS)}, e.g. nvidia.com/gpu=present:NoSchedule")
+    out = {"key": key, "operator": "Equal" if eq else "Exists", **({"value": value} if eq else {})}
+    return {**out, **({"effect": effect} if effect else {})}
 
 
 def termination_grace(cluster: Cluster) -> int:
@@ -150,8 +173,7 @@ def _pod_template(
     }
     if restart_policy:
         spec["restartPolicy"] = restart_policy
-    if pod.node_selector:
-        spec["nodeSelector"] = dict(pod.node_selector)
+    spec.update(_scheduling(pod))
     return {
         "metadata": {
             "labels": _labels(pod),
@@ -165,12 +187,24 @@ def _pod_template(
     }
 
 
+def _scheduling(pod: PodSettings) -> dict[str, Any]:
+    """The pod spec's placement and identity fields that are set."""
+    fields = {
+        "nodeSelector": dict(pod.node_selector),
+        "tolerations": [dict(t) for t in pod.tolerations],
+        "priorityClassName": pod.priority_class,
+        "serviceAccountName": pod.service_account,
+        "imagePullSecrets": [{"name": n} for n in pod.image_pull_secrets],
+    }
+    return {k: v for k, v in fields.items() if v}
+
+
 def _labels(pod: PodSettings) -> dict[str, str]:
     return {"app.kubernetes.io/name": "echomotion", "app.kubernetes.io/instance": pod.name}
 
 
 def _metadata(pod: PodSettings) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": pod.name, "labels": _labels(pod)}
+    meta: dict[str, Any] = {"name": pod.name, "labels": {**_labels(pod), **({KUEUE_QUEUE_LABEL: pod.queue} if pod.queue else {})}}
     if pod.namespace:
         meta["namespace"] = pod.namespace
     return meta
@@ -257,9 +291,17 @@ def render_jobset(cluster: Cluster, call: TrainerCall, pod: PodSettings) -> dict
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": _metadata(pod), "spec": spec}
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Writes a dict used twice (the Master's and Workers' pod template) out twice instead of as &id001 / *id001, which
+    some tools (kustomize patches, kubectl diff readers, people) handle badly."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def to_yaml(manifest: dict[str, Any], how: str) -> str:
     """The manifest as YAML, headed by the command that renders it (edit the inputs, not the file)."""
-    body = yaml.safe_dump(manifest, sort_keys=False, width=120, default_flow_style=False)
+    body = yaml.dump(manifest, Dumper=_NoAliases, sort_keys=False, width=120, default_flow_style=False)
     return f"# Rendered by: {how}\n# Edit the inputs and render again rather than editing this file.\n{body}"
 
 

@@ -2,7 +2,9 @@
 
 The DeepSpeed config is generated from ours (micro-batch, accumulation, clipping, ZeRO stage, bf16, `parallel.cpu_offload`
 as ZeRO-Offload); the JSON named by `parallel.deepspeed_config` is merged over it key by key, so anything DeepSpeed offers
-can still be set. DeepSpeed steps the trainer's own torch AdamW, whose learning rate the trainer's LambdaLR sets, and
+can still be set, except the keys the trainer's config owns (`TRAINER_KEYS`): there "auto" (or the trainer's own value)
+means the trainer's value, and another value is refused naming the trainer's key, since the trainer's loss scaling, data
+loader and logs follow its config, not DeepSpeed's. DeepSpeed steps the trainer's own torch AdamW, whose learning rate the trainer's LambdaLR sets, and
 skips a step whose global gradient norm is not finite (the trainer counts it, as under FSDP). Ulysses SP works
 unchanged: `parallelize` installs the same token-sharding seam, and ZeRO, like FSDP2, averages gradients over all its
 data-parallel ranks (here dp x sp), so the trainer's loss scale by the data-parallel degree is the same. EMA is refused
@@ -28,6 +30,16 @@ from echomotion.config import Config, ConfigError
 from echomotion.models.echomotion import DualBlock, EchoMotionDiT
 
 from .engine import DEEPSPEED_TAG, Engine, StateIO
+
+
+# DeepSpeed key path -> the trainer's key that sets it
+TRAINER_KEYS: dict[tuple[str, ...], str] = {
+    ("train_micro_batch_size_per_gpu",): "data.batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("gradient_clipping",): "train.grad_clip",
+    ("zero_optimization", "stage"): "parallel.zero_stage",
+    ("bf16", "enabled"): "train.precision",
+}
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -66,7 +78,35 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
             f"parallel.deepspeed_config={p.deepspeed_config} sets {owned}, but the trainer owns the optimizer and schedule "
             "under either engine: remove them and use train.lr, train.weight_decay, train.warmup_steps, train.schedule"
         )
-    return merge(generated, user)
+    return merge(generated, _trainer_keys_resolved(user, generated, p.deepspeed_config))
+
+
+def _trainer_keys_resolved(user: dict[str, Any], generated: dict[str, Any], source: str) -> dict[str, Any]:
+    """`user` with each of `TRAINER_KEYS` that is "auto" (or already equal) set to the trainer's value; any other value
+    there is refused, naming the trainer's key to set instead."""
+    conflicts = []
+    for path, ours in TRAINER_KEYS.items():
+        parent = user
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent.get(key), dict) else {}
+        if path[-1] not in parent:
+            continue
+        value, wanted = parent[path[-1]], _get(generated, path)
+        if value == "auto" or value == wanted:
+            parent[path[-1]] = wanted
+        else:
+            conflicts.append(f"{'.'.join(path)}={json.dumps(value)} (the trainer's {ours} makes it {json.dumps(wanted)}: "
+                             f"set {ours} instead)")
+    if conflicts:
+        raise ConfigError(f"parallel.deepspeed_config={source} sets keys the trainer's config owns: " + "; ".join(conflicts)
+                          + '; or write "auto" for the trainer\'s value')
+    return user
+
+
+def _get(d: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        d = d[key]
+    return d
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

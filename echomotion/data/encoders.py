@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, BinaryIO, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -160,7 +160,12 @@ class PCACodec:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a 'pca' dataset keeps its codec there (tools/make_humove_mini.py "
                                     "writes it); copy it with the shards")
-        d = torch.load(path, weights_only=True)
+        return cls.read(path)
+
+    @classmethod
+    def read(cls, src: str | Path | BinaryIO) -> "PCACodec":
+        """From a file or its bytes (an export carries the codec file inside it)."""
+        d = torch.load(src, weights_only=True)
         return cls(d["mean"], d["basis"], d["std"], int(d["spatial"]))
 
     def save(self, path: str | Path) -> None:

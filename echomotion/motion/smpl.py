@@ -473,15 +473,20 @@ class MotionStats:
     @classmethod
     def load(cls, path: str | Path, feature_dim: int = MOTION_FEATURE_DIM) -> "MotionStats":
         """Load stats saved by save(); feature_dim is what the caller's model expects."""
-        d = json.loads(Path(path).read_text())
+        return cls.from_json(Path(path).read_text(), str(path), feature_dim)
+
+    @classmethod
+    def from_json(cls, text: str, source: str, feature_dim: int = MOTION_FEATURE_DIM) -> "MotionStats":
+        """What save() wrote, from wherever it is kept (a file, an export); `source` names it in errors."""
+        d = json.loads(text)
         if d.get("version") != cls.VERSION:
-            raise ValueError(f"{path}: motion stats version {d.get('version')}, this code reads {cls.VERSION}")
+            raise ValueError(f"{source}: motion stats version {d.get('version')}, this code reads {cls.VERSION}")
         if d["feature_dim"] != feature_dim or len(d["mean"]) != feature_dim or len(d["std"]) != feature_dim:
             raise ValueError(
-                f"{path}: motion stats have feature_dim {d['feature_dim']} ({len(d['mean'])} means), expected "
+                f"{source}: motion stats have feature_dim {d['feature_dim']} ({len(d['mean'])} means), expected "
                 f"{feature_dim}; recompute them with MotionStats.compute for the current feature layout"
             )
         std = torch.tensor(d["std"], dtype=torch.float64)
         if not bool((std > 0).all()) or not all(map(math.isfinite, d["mean"])):
-            raise ValueError(f"{path}: motion stats contain non-positive std or non-finite mean; recompute them")
+            raise ValueError(f"{source}: motion stats contain non-positive std or non-finite mean; recompute them")
         return cls(torch.tensor(d["mean"], dtype=torch.float64), std, int(d["count"]), float(d["min_std"]))

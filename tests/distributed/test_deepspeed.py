@@ -126,7 +126,8 @@ def test_deepspeed_config_is_generated_from_ours_and_json_overrides_merge(tmp_pa
     from parallel.deepspeed_engine import deepspeed_config
 
     overrides = tmp_path / "ds.json"
-    overrides.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    overrides.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 1000, "stage": "auto"},
+                                     "gradient_clipping": "auto", "gradient_accumulation_steps": 4, "bf16": {"enabled": "auto"}}))
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         ZERO, "parallel.zero_stage=2", "data.batch_size=3", "train.grad_accum=4", "train.grad_clip=2.0",
     ])
@@ -146,8 +147,16 @@ def test_deepspeed_config_is_generated_from_ours_and_json_overrides_merge(tmp_pa
     cfg.parallel.deepspeed_config = str(overrides)
     merged = deepspeed_config(cfg)
     assert merged["zero_optimization"] == {"stage": 2, "stage3_prefetch_bucket_size": 1000}  # nested keys merged
-    assert merged["gradient_clipping"] == 0.5  # the JSON wins
-    assert merged["train_micro_batch_size_per_gpu"] == 3
+    assert merged["gradient_clipping"] == 2.0 and merged["bf16"] == {"enabled": False}  # "auto": the trainer's value
+    assert merged["train_micro_batch_size_per_gpu"] == 3 and merged["gradient_accumulation_steps"] == 4  # equal: fine
+
+    overrides.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 3},
+                                     "train_micro_batch_size_per_gpu": 3}))
+    with pytest.raises(ConfigError) as refused:
+        deepspeed_config(cfg)
+    assert ("gradient_clipping=0.5 (the trainer's train.grad_clip makes it 2.0: set train.grad_clip instead)" in str(refused.value)
+            and "zero_optimization.stage=3 (the trainer's parallel.zero_stage makes it 2: set parallel.zero_stage instead)"
+            in str(refused.value) and "train_micro_batch_size_per_gpu" not in str(refused.value))
 
     overrides.write_text('{"zero_optimization": {"stage": 3,}}')
     with pytest.raises(ConfigError, match=r"ds\.json is not valid JSON"):

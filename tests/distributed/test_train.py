@@ -30,6 +30,7 @@ from echomotion.export import ExportError, export_checkpoint, load_exported, sav
 from echomotion.metrics import read_metrics
 from echomotion.models import EchoMotionDiT, is_motion_parameter
 from echomotion.runlock import RunDirLock
+from echomotion.sample import main as sample_main
 from echomotion.train import Trainer, build_model, ema_update
 from tests.distributed.launch import child_env, trainer_overrides
 from tests.s3_server import free_port
@@ -421,6 +422,24 @@ def test_export_tool_refusals_are_one_line_and_exit_2(untrained_checkpoint: Path
     ):
         assert message in refused("--checkpoint", ckpt, "--out", str(out / name), *layout)
     assert not out.exists()
+
+
+def test_an_export_samples_without_its_dataset(untrained_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """The export carries dataset.json, motion stats, null text and the PCA codec file: with the dataset folder gone,
+    t2vm and t2m write their samples from the export alone; only m2v/v2m clips need --data."""
+    data = tmp_path / "data"
+    generate_humove_mini(data, clips=4, num_frames=9, heldout_fraction=0.5, codec="pca", codec_channels=48, progress=False)
+    out = tmp_path / "model.safetensors"
+    assert export_tool().main(["--checkpoint", str(untrained_checkpoint), "--out", str(out), "--data", str(data)]) == 0
+    shutil.rmtree(data)
+    for task in ("t2vm", "t2m"):
+        assert sample_main(["--checkpoint", str(out), "--task", task, "--prompt", "a person waves", "--steps", "1",
+                            "--out", str(tmp_path / "samples")]) == 0
+        written = {p.name for p in (tmp_path / "samples" / task / "a-person-waves").iterdir()}
+        assert {"motion.npz", "caption.txt"} <= written and (task == "t2m" or "video.mp4" in written), written
+    with pytest.raises(SystemExit):
+        sample_main(["--checkpoint", str(out), "--task", "m2v", "--clip", "hm-000000"])
+    assert "pass --data <dataset folder>" in capsys.readouterr().err
 
 
 def test_wan_layout_export_leaves_nothing_behind(untrained_checkpoint: Path, tmp_path: Path,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import pytest
 
 from launcher.cli import main
-from tests.ops.helpers import CONFIG
+from tests.ops.helpers import CONFIG, ROOT
 
 SECRET = "ops-test-secret-value-7f3a"
 
@@ -34,6 +35,12 @@ def object_store_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ops-test-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slurm target creates its log folder (default ./logs): keep it out of the checkout."""
+    monkeypatch.chdir(tmp_path)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -119,6 +126,38 @@ def test_slurm_script_runs_one_agent_per_node(capsys: pytest.CaptureFixture[str]
     assert "--rdzv_endpoint=gpu-a:29400" in args and "--rdzv_id=4242" in args and "--shutdown_timeout=600" in args
     assert args[args.index("--config") + 1] == CONFIG
     assert "AWS_SECRET_ACCESS_KEY is not set" in done.stderr  # a warning, the job still starts
+
+
+def test_slurm_submit_creates_the_log_folder_first(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Slurm opens `--output` before the script runs, and a missing folder fails the job with no log anywhere: the
+    launcher creates the (absolute) log folder before sbatch. The stand-in sbatch refuses like Slurm when the folder is
+    missing, then runs the script; the scheduler options arrive as #SBATCH lines."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "sbatch").write_text(
+        '#!/bin/bash\nout=$(sed -n "s/^#SBATCH --output=//p" "$1")\n'
+        '[[ -d $(dirname "$out") ]] || { echo "log folder of $out missing" >&2; exit 1; }\n'
+        'echo "Submitted batch job 4242"\nexec bash "$1"\n')
+    (shims / "sbatch").chmod(0o755)
+    (shims / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (shims / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    for f in shims.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+           "SLURM_JOB_ID": "4242", "SLURM_CPUS_ON_NODE": "16", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "launcher", "slurm", "--config", CONFIG, "--nodes", "2", "--nproc-per-node", "8",
+         "--log-dir", "runs/logs", "--qos", "high", "--constraint", "h100&ib", "--exclusive", "--mem", "0",
+         "--sbatch=--reservation=big", "--submit"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Submitted batch job 4242" in done.stdout and "srun --kill-on-bad-exit=1 torchrun" in done.stdout
+    script = (tmp_path / "runs/logs/echomotion.sbatch").read_text().splitlines()
+    for line in (f"#SBATCH --output={tmp_path}/runs/logs/%x-%j.out", "#SBATCH --qos=high", "#SBATCH --constraint=h100&ib",
+                 "#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --reservation=big"):
+        assert line in script, line
+
+    code, _, err = run_cli(capsys, "slurm", "--config", CONFIG, "--sbatch", "reservation=big")
+    assert code == 2 and "give an sbatch option as written after #SBATCH" in err
 
 
 def test_cluster_file_and_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

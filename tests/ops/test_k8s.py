@@ -3,6 +3,8 @@ and the CRD schemas in ../shared/schemas/, what they must contain, and the commi
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
@@ -12,7 +14,8 @@ import yaml
 
 from launcher.cluster import Cluster, LaunchError
 from launcher.commands import TrainerCall
-from launcher.manifests import PodSettings, render_examples, render_jobset, render_pytorchjob
+from launcher.cli import main as launcher_main
+from launcher.manifests import PodSettings, render_examples, render_jobset, render_pytorchjob, toleration
 from tests.ops.helpers import ROOT
 
 SCHEMAS = ROOT.parent / "shared" / "schemas"
@@ -32,8 +35,17 @@ def pod(name: str = "em-test") -> PodSettings:
                        node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, extra_resources={"rdma/ib": "1"})
 
 
+def scheduled() -> PodSettings:
+    """A pod with every shared-cluster setting: taints, priority, a Kueue queue, a service account, a private registry."""
+    return replace(pod(), tolerations=[toleration("nvidia.com/gpu=present:NoSchedule"), toleration("spot")],
+                   priority_class="training-high", queue="team-a", service_account="echomotion-trainer",
+                   image_pull_secrets=["registry-creds"])
+
+
 def rendered() -> dict[str, dict[str, Any]]:
     return {
+        "pytorchjob-scheduled": render_pytorchjob(Cluster(nodes=2, nproc_per_node=8), call(), scheduled()),
+        "jobset-scheduled": render_jobset(Cluster(nodes=2, nproc_per_node=8), call(), scheduled()),
         "pytorchjob-1-node": render_pytorchjob(Cluster(nodes=1, nproc_per_node=8), call(), pod()),
         "pytorchjob-4-nodes": render_pytorchjob(Cluster(nodes=4, nproc_per_node=8), call(), pod()),
         "pytorchjob-elastic": render_pytorchjob(Cluster(nodes=4, min_nodes=2, nproc_per_node=8), call(), pod()),
@@ -124,6 +136,39 @@ def test_crd_validation_catches_a_misspelt_field(manifests: dict[str, dict[str, 
     broken = copy.deepcopy(manifests["pytorchjob-elastic"])
     broken["spec"]["elasticPolicy"]["nProcsPerNode"] = 8
     assert not crd_validators["PyTorchJob"][1].is_valid(broken)
+
+
+def test_scheduling_settings_reach_every_pod_and_the_queue_label_the_job(manifests: dict[str, dict[str, Any]]) -> None:
+    for name in ("pytorchjob-scheduled", "jobset-scheduled"):
+        m = manifests[name]
+        assert m["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"  # Kueue admits the job as a whole
+        for template in pod_templates(m):
+            spec = template["spec"]
+            assert spec["tolerations"] == [
+                {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"},
+                {"key": "spot", "operator": "Exists"}]
+            assert (spec["priorityClassName"], spec["serviceAccountName"]) == ("training-high", "echomotion-trainer")
+            assert spec["imagePullSecrets"] == [{"name": "registry-creds"}]
+            assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]
+
+
+def test_cli_flags_render_without_yaml_anchors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The Master and Workers share one pod template: PyYAML wrote it once as &id001 and then *id001."""
+    out = tmp_path / "job.yaml"
+    assert launcher_main([
+        "pytorchjob", "--config", "configs/tiny.yaml", "--name", "em-cli", "--image", "img:1", "--nodes", "3", "--cpus", "8",
+        "--toleration", "nvidia.com/gpu:NoSchedule", "--priority-class", "p", "--queue", "q", "--service-account", "sa",
+        "--image-pull-secret", "a", "--image-pull-secret", "b", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "&id" not in text and "*id" not in text
+    m = yaml.safe_load(text)
+    assert m["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "q"
+    for template in pod_templates(m):
+        assert template["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert template["spec"]["imagePullSecrets"] == [{"name": "a"}, {"name": "b"}]
+    assert launcher_main(["jobset", "--config", "configs/tiny.yaml", "--name", "x", "--image", "i", "--cpus", "8",
+                          "--toleration", "gpu:Never"]) == 2
+    assert "expected KEY[=VALUE][:EFFECT]" in capsys.readouterr().err
 
 
 def test_pytorchjob_contents(manifests: dict[str, dict[str, Any]]) -> None:

@@ -58,12 +58,13 @@ def test_exporter_series_and_labels() -> None:
     from echomotion.metrics import PrometheusExporter
 
     rec = {"step": 7, "loss": 1.5, "loss/motion": 1.2, "loss/video": 1.7, "loss/t2m/motion": 1.1, "loss/m2v/video": 1.8,
-           "grad_norm": 0.9, "lr": 1e-4, "samples_per_s": 20.0, "tokens_per_s": 9000.0, "step_time": 0.2, "data_wait": 0.01,
+           "grad_norm": 0.9, "lr": 1e-4, "samples": 4, "tokens": 1800, "step_time": 0.2, "data_wait": 0.01,
            "nan_streak": 2, "memory_bytes": None, "mfu": None, "compute_s": 0.15, "memory_reserved_bytes": None,
            "memory_total_bytes": None}
     rank0, rank1 = (PrometheusExporter(two_free_ports(), 0, "127.0.0.1", termination_grace=360),
                     PrometheusExporter(two_free_ports(), 1, "127.0.0.1", termination_grace=360))
     rank0.observe_step(rec, job_level=True)
+    rank0.observe_step({**rec, "step": 8, "data_wait": 0.3}, job_level=True)
     rank1.observe_step({**rec, "compute_s": 0.18, "memory_reserved_bytes": 6e9, "memory_total_bytes": 8e10}, job_level=False)
     for exporter in (rank0, rank1):  # every rank saves; only rank 0 serves the result
         exporter.observe_checkpoint(42.0, blocked_s=3.0)
@@ -75,10 +76,15 @@ def test_exporter_series_and_labels() -> None:
     assert loss == {(("modality", "all"), ("task", "all")): 1.5, (("modality", "motion"), ("task", "all")): 1.2,
                     (("modality", "video"), ("task", "all")): 1.7, (("modality", "motion"), ("task", "t2m")): 1.1,
                     (("modality", "video"), ("task", "m2v")): 1.8}
-    assert samples[0][("echomotion_nan_streak", ())] == 2 and samples[0][("echomotion_mfu", ())] == 0
+    assert samples[0][("echomotion_nan_streak", ())] == 2 and samples[0][("echomotion_mfu_ratio", ())] == 0
+    # counters of everything consumed, for rate(); no per-second gauges
+    assert samples[0][("echomotion_samples_total", ())] == 8 and samples[0][("echomotion_tokens_total", ())] == 3600
+    assert not any("per_second" in name for name, _ in samples[0])
+    wait = [samples[0][(f"echomotion_data_wait_seconds_{k}", (("rank", "0"),))] for k in ("count", "sum")]  # a histogram
+    assert wait == [2, pytest.approx(0.31)]
     for r in (0, 1):
         assert samples[r][("echomotion_memory_max_allocated_bytes", (("rank", str(r)),))] > 0  # peak RSS on CPU
-        assert samples[r][("echomotion_step_time_seconds_count", (("rank", str(r)),))] == 1
+        assert samples[r][("echomotion_step_time_seconds_count", (("rank", str(r)),))] == 2 - r
         assert samples[r][("echomotion_process_resident_memory_bytes", ())] > 0
     assert samples[0][("echomotion_rank_compute_seconds", (("rank", "0"),))] == 0.15
     assert samples[1][("echomotion_rank_compute_seconds", (("rank", "1"),))] == 0.18
@@ -95,7 +101,7 @@ def test_exporter_series_and_labels() -> None:
         assert buckets[0.5] == 1 and buckets[60] == 2
     eval_loss = {labels: v for (name, labels), v in samples[0].items() if name == "echomotion_eval_loss"}
     assert eval_loss == {(("modality", "motion"), ("task", "t2m")): 0.8, (("modality", "video"), ("task", "joint")): 0.9}
-    job_level = {"echomotion_step", "echomotion_loss", "echomotion_restarts_total", "echomotion_checkpoint_save_seconds",
+    job_level = {"echomotion_step", "echomotion_loss", "echomotion_samples_total", "echomotion_tokens_total", "echomotion_restarts_total", "echomotion_checkpoint_save_seconds",
                  "echomotion_checkpoint_duration_seconds_count", "echomotion_checkpoint_blocked_seconds_count",
                  "echomotion_termination_grace_seconds", "echomotion_eval_loss"}
     assert job_level <= {name for name, _ in samples[0]}

@@ -10,7 +10,7 @@ import torch
 
 from echomotion.config import load_config
 from echomotion.data.synthetic import generate_humove_mini
-from echomotion.export import save_exported
+from echomotion.export import DataAssets, load_exported, read_data_assets, save_exported
 from echomotion.models import EchoMotionDiT
 import echomotion.sample
 from echomotion.sample import InferenceContext, main as sample_main, write_outputs
@@ -74,6 +74,31 @@ def test_cli_user_errors_are_one_line_and_exit_2(context, capsys):
             sample_main([*base, *args])
         err = capsys.readouterr().err
         assert exited.value.code == 2 and message in err and err.startswith("sample: ") and err.count("\n") == 1, err
+
+
+def test_an_old_export_needs_data_and_says_so(context, tmp_path, capsys):
+    """An export without its dataset's files (written before exports carried them) still loads and samples with --data;
+    without --data the one-line error names it."""
+    old = context.data.parent / "model.safetensors"
+    assert read_data_assets(old) is None
+    model, _ = load_exported(old)
+    assert sample_main(["--checkpoint", str(old), "--data", str(context.data), "--task", "t2m", "--prompt", "x",
+                        "--steps", "1", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit) as exited:
+        sample_main(["--checkpoint", str(old), "--task", "t2m", "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "exported without its dataset's files" in err and "pass --data" in err, err
+
+
+def test_an_export_carries_its_datasets_files(context, tmp_path):
+    """save_exported(data=...) puts the files inside the one .safetensors, byte for byte; the weights load unchanged."""
+    out = save_exported(context.model, context.cfg, tmp_path / "m.safetensors", data=DataAssets.from_folder(context.data))
+    assets = read_data_assets(out)
+    assert assets is not None and set(assets.files) == {"dataset.json", "motion_stats.json", "null_text.pt"}
+    assert all(assets.files[n] == (context.data / n).read_bytes() for n in assets.files)
+    model, _ = load_exported(out)
+    assert all(torch.equal(v, context.model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.yaml"]
 
 
 def test_docstring_example_uses_a_real_clip_id(context):
