@@ -99,7 +99,7 @@ def one_save(engine, cfg: Config, folder: Path, rank: int, mode: str, step: int)
     during = train_steps(engine, ckpt, 4, cfg)
     ckpt.wait()
     r = results[0]
-    return {"mode": mode, "blocked_s": r.blocked_s, "duration_s": r.duration_s,
+    return {"mode": mode, "blocked_s": r.blocked_s, "duration_s": r.duration_s, "step_s": statistics.median(before),
             "slower_s": sum(during) - len(during) * statistics.median(before)}
 
 
@@ -117,7 +117,7 @@ def worker(a: argparse.Namespace) -> None:
     gathered = [None] * env.world_size
     torch.distributed.all_gather_object(gathered, rows)
     if env.rank == 0:
-        slowest = [{**r, **{k: max(g[i][k] for g in gathered) for k in ("blocked_s", "duration_s", "slower_s")}}
+        slowest = [{**r, **{k: max(g[i][k] for g in gathered) for k in ("blocked_s", "duration_s", "slower_s", "step_s")}}
                    for i, r in enumerate(rows)]
         a.worker.write_text(json.dumps({"params": n_params, "rows": slowest}))
     shutdown()
@@ -134,6 +134,7 @@ def report(result: dict, a: argparse.Namespace) -> None:
         sync, asyn = (next(r for r in rows if r["repeat"] == repeat and r["mode"] == m) for m in ("sync", "async"))
         print(f"{repeat:>6} {sync['blocked_s']:>15.2f} {asyn['blocked_s']:>16.3f} {asyn['slower_s']:>21.2f} "
               f"{asyn['duration_s']:>17.2f}")
+    print(f"a training step without a save in flight: median {statistics.median(r['step_s'] for r in rows):.2f} s")
     med = {m: statistics.median(r["blocked_s"] for r in rows if r["mode"] == m) for m in ("sync", "async")}
     print(f"median blocked: sync {med['sync']:.2f} s, async {med['async']:.3f} s; ratio {med['async'] / med['sync']:.3f} "
           "(target <= 0.10)")
