@@ -301,8 +301,23 @@ class HashTextEncoder:
                 "context": self.context}
 
 
+def umt5_folders(path: Path) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder): one transformers folder holding both, or a diffusers Wan pipeline folder with
+    `text_encoder/` and `tokenizer/` (as the Wan-AI *-Diffusers repositories ship them)."""
+    if (path / "config.json").is_file():
+        return path, path
+    if (path / "text_encoder" / "config.json").is_file() and (path / "tokenizer").is_dir():
+        return path / "text_encoder", path / "tokenizer"
+    raise FileNotFoundError(
+        f"no transformers umT5 encoder at {str(path)!r} (expected config.json, weights and tokenizer files, or a diffusers "
+        "pipeline folder with text_encoder/ and tokenizer/). Point --text-encoder-path at a local folder holding "
+        "UMT5EncoderModel weights and the umT5 tokenizer, e.g. the Wan2.1-T2V-1.3B-Diffusers download."
+    )
+
+
 class UMT5TextEncoder:
-    """Wan's text encoder (umT5-XXL encoder) from a local transformers folder, returning true-length embeddings.
+    """Wan's text encoder (umT5-XXL encoder) from a local transformers or diffusers pipeline folder, returning
+    true-length embeddings.
 
     Like Wan, prompts are tokenized with the end-of-sequence token and truncated at max_length; the embedding keeps
     the real tokens only (padding is masked inside the encoder, so it does not change them).
@@ -313,14 +328,10 @@ class UMT5TextEncoder:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         path = Path(path).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no transformers umT5 encoder at {str(path)!r} (expected config.json, weights and tokenizer files). "
-                "Point --text-encoder-path at a local folder holding UMT5EncoderModel weights and the umT5 tokenizer."
-            )
+        model_dir, tokenizer_dir = umt5_folders(path)
         self.path, self.max_length, self.device = path, max_length, torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = UMT5EncoderModel.from_pretrained(str(path), torch_dtype=dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.model = UMT5EncoderModel.from_pretrained(str(model_dir), torch_dtype=dtype).to(self.device).eval()
         self.dim = int(self.model.config.d_model)
 
     @torch.no_grad()

@@ -136,6 +136,24 @@ def test_umt5_text_encoder_true_length(tmp_path):
     assert torch.allclose(short, alone, atol=1e-5)  # batch padding does not leak into the real tokens
 
 
+def test_umt5_from_a_diffusers_pipeline_folder_equals_one_folder(tmp_path):
+    """The Wan *-Diffusers download keeps the encoder in text_encoder/ and the tokenizer in tokenizer/: pointing at the
+    pipeline folder gives the same embeddings as a folder holding both."""
+    import shutil
+
+    one = tiny_umt5(tmp_path / "umt5")
+    pipeline = tmp_path / "Wan-Diffusers"
+    (pipeline / "text_encoder").mkdir(parents=True)
+    (pipeline / "tokenizer").mkdir()
+    for f in one.iterdir():
+        target = "text_encoder" if f.name in ("config.json", "model.safetensors") else "tokenizer"
+        shutil.copy(f, pipeline / target / f.name)
+    prompt = ["a person in a red shirt waves"]
+    assert torch.equal(build_text_encoder("umt5", pipeline).encode(prompt)[0], build_text_encoder("umt5", one).encode(prompt)[0])
+    with pytest.raises(FileNotFoundError, match="text_encoder/ and tokenizer/"):
+        build_text_encoder("umt5", tmp_path)
+
+
 def test_factories_name_the_fix():
     with pytest.raises(ValueError, match="--vae-path"):
         build_video_codec("wan-vae")
