@@ -59,7 +59,8 @@ def sample_all_tasks(model: Path, data: Path, out: Path,
     """Sample the four tasks on the first n held-out clips: per-sample folders (write_outputs) and one grid per task.
     The clips' ground truth goes into the grids too: m2v's video next to the real one, v2m's motion next to the real
     joints."""
-    from .sample import InferenceContext, held_out_grids, write_outputs
+    from .report import held_out_grids
+    from .sample import InferenceContext, write_outputs
 
     ctx = InferenceContext(model, data)
     held = ctx.clips("heldout")[:n]

@@ -22,7 +22,8 @@ from .metrics import read_metrics
 from .motion.render import render_skeleton
 
 if TYPE_CHECKING:
-    from .sample import Generated
+    from .data.schema import Sample
+    from .sample import Generated, InferenceContext
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,6 +289,25 @@ def sample_grid(task: str, gens: Sequence[Generated], truths: Optional[Sequence[
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 
+
+def held_out_grids(ctx: InferenceContext, clips: Sequence[Sample], tasks: Sequence[str], out: Path, seed: int = 0,
+                   stored_text: bool = False) -> dict[str, tuple[list[Generated], tuple[Path, Path]]]:
+    """Each task sampled on the held-out clips (t2vm / t2m from their captions, m2v / v2m from the clips themselves),
+    every sample named after its clip, and one grid per task, out/<task>/grid.png and grid.gif, with the clips' ground
+    truth beside it (m2v's real video, v2m's real joints). `stored_text`: use the clips' stored caption embeddings
+    instead of encoding the captions (no text encoder). Returns task -> (samples, (png, gif))."""
+    truths = [Truth(None if c.video_latent is None else ctx.codec.decode(c.video_latent[None].float())[0], c.joints)
+              for c in clips]
+    result: dict[str, tuple[list[Generated], tuple[Path, Path]]] = {}
+    for task in tasks:
+        from_text = task in ("t2vm", "t2m")
+        text = ctx.stored_text(clips) if stored_text and task != "v2m" else None
+        gens = ctx.generate(task, prompts=[c.caption for c in clips] if from_text else [],
+                            clips=[] if from_text else clips, seed=seed, text=text)
+        for g, c in zip(gens, clips):
+            g.name = c.clip_id
+        result[task] = (gens, sample_grid(task, gens, truths, out / task, ctx.fps))
+    return result
 
 def metrics_table(evaluation: dict[str, Any]) -> list[str]:
     """Markdown table of eval.json: every metric with a baseline, its baselines' values, which direction is better and

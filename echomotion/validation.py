@@ -99,7 +99,7 @@ class Validation:
         """Rank 0: sample the phase's tasks from these weights into out/<task>/grid.png. Returns the image tags
         (`samples/<task>` -> PNG) and, on HuMoVe-mini, the evaluation metrics of samples of those clips
         (`eval/<metric>`)."""
-        from .sample import held_out_grids
+        from .report import held_out_grids
 
         ctx = self._context()
         ctx.model.load_state_dict(weights)
