@@ -123,6 +123,9 @@ class DataConfig:
     download_timeout: float = 120.0  # seconds one shard download may take
     validate_hash: Optional[str] = None  # e.g. "sha1": every shard (remote or local) vs index.json's hash, once a run
     text_len: Optional[int] = None  # text tokens per sample after padding/truncation; None = model.text_len
+    # Motion frames per training sample: longer motion-only clips are cropped to a random window (seeded by shuffle_seed,
+    # epoch and sample id, so resume is exact), shorter ones padded with masked frames; None = pad to the batch's longest.
+    motion_frames: Optional[int] = None
     sp_multiple: int = 1  # pad motion so its token count (frames x 51) is a multiple of this (the sequence-parallel size)
     null_text_path: Optional[str] = None  # the empty prompt's embedding [L, text_dim]; None = <path>/null_text.pt
     stats_path: Optional[str] = None  # motion normalization stats; None = <path>/motion_stats.json
@@ -410,7 +413,7 @@ def _data_problems(d: DataConfig) -> list[str]:
     for key in ("batch_size", "prefetch_factor", "sp_multiple"):
         if getattr(d, key) < 1:
             problems.append(f"data.{key}={getattr(d, key)} must be >= 1")
-    for key in ("epoch_size", "shuffle_block_size", "num_canonical_nodes", "predownload", "text_len"):
+    for key in ("epoch_size", "shuffle_block_size", "num_canonical_nodes", "predownload", "text_len", "motion_frames"):
         if getattr(d, key) is not None and getattr(d, key) < 1:
             problems.append(f"data.{key}={getattr(d, key)} must be >= 1 (or null for the default)")
     if d.num_workers < 0:

@@ -289,6 +289,7 @@ class Trainer:
         others wait for it part of the time, so this understates the lag; docs/operations.md.)"""
         t = self.cfg.train
         start, wait, shares, logs, samples, tokens = time.perf_counter(), 0.0, [], {}, 0, 0
+        frames, real = 0, 0  # motion frames in the batches, and the real (unpadded) ones among them
         for micro in range(t.grad_accum):
             w0 = time.perf_counter()
             batch = next(batches)
@@ -299,6 +300,7 @@ class Trainer:
                 logs.setdefault(k, []).append(v)
             samples += len(batch)
             tokens += self._tokens(batch)
+            frames, real = frames + batch.motion_mask.numel(), real + int(batch.motion_mask.sum())
         if self.faults:
             self.faults.delay_compute(self.env.rank)
         if self.env.device.type == "cuda":  # queued kernels are part of this rank's compute
@@ -306,7 +308,7 @@ class Trainer:
         compute = time.perf_counter() - start - wait
         loss = float(self.par.sum_over_dp(torch.stack(shares).sum()) / t.grad_accum)
         return {"loss": loss, "logs": logs, "wait": wait, "compute": compute, "samples": samples, "tokens": tokens,
-                "batch": batch}
+                "batch": batch, "motion_pad_fraction": 1 - real / frames if frames else 0.0}
 
     def train_step(self, batches) -> dict[str, Any]:
         """Forward/backward over the micro-batches, one engine step (skipped for a NaN/Inf loss or gradient), EMA, the
@@ -360,6 +362,7 @@ class Trainer:
             "tokens_per_s": acc["tokens"] * dp / step_time,
             "step_time": step_time,
             "data_wait": acc["wait"],
+            "motion_pad_fraction": acc["motion_pad_fraction"],  # this rank's padded share of motion frames (compute spent)
             "compute_s": acc["compute"],
             "skipped_steps": self.train_state.skipped,
             "nan_streak": self.train_state.nan_streak,

@@ -30,6 +30,7 @@ from math import gcd
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
+import numpy as np
 import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.constant import TICK
@@ -320,6 +321,19 @@ class Item:
     text: torch.Tensor  # [text_length, text_dim], stored dtype (float16)
 
 
+def crop_motion(motion: torch.Tensor, frames: int, seed: int, epoch: int, sample_id: int) -> torch.Tensor:
+    """A random `frames`-long window of a longer motion-only clip (shorter clips are returned whole; collate pads them).
+
+    The window depends only on (seed, epoch, sample id): no RNG state lives in the DataLoader workers, so a resumed run
+    (streaming restores the epoch and position) crops exactly as the uninterrupted one, and each epoch sees new windows.
+    """
+    extra = motion.shape[0] - frames
+    if extra <= 0:
+        return motion
+    start = int(np.random.default_rng([int(seed), int(epoch), int(sample_id)]).integers(extra + 1))
+    return motion[start : start + frames]
+
+
 def _reporting_exit(loop: Callable[[Any], None], it: Any) -> None:
     """Run one of streaming's epoch loops, which reports its exit to `it` only when it returns: report it on an error too."""
     try:
@@ -341,9 +355,10 @@ class HuMoVeStreamingDataset(StreamingDataset):
       never did.
     """
 
-    def __init__(self, *, stats: MotionStats, **kwargs: Any):
+    def __init__(self, *, stats: MotionStats, motion_frames: Optional[int] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.stats = stats
+        self.motion_frames = motion_frames
         self._background_error: Optional[BaseException] = None
 
     def on_exception(self, future: Any) -> None:
@@ -387,13 +402,16 @@ class HuMoVeStreamingDataset(StreamingDataset):
             self._raise_background_error()
             raise self._read_error(shard_id, index, e) from e
         try:
-            return self._to_item(record)
+            return self._to_item(record, sample_id)
         except Exception as e:
             raise self._read_error(shard_id, index, e) from e
 
-    def _to_item(self, record: dict[str, Any]) -> Item:
+    def _to_item(self, record: dict[str, Any], sample_id: int) -> Item:
         s = decode_sample(record)
         motion = SMPLMotion(s.betas, s.global_orient, s.body_pose, s.transl, s.joints).to_features().float()
+        if self.motion_frames is not None and s.video_latent is None:
+            # next_epoch is the epoch being iterated + 1 (streaming sets it when an epoch starts); 0 outside iteration
+            motion = crop_motion(motion, self.motion_frames, self.shuffle_seed, max(self.next_epoch - 1, 0), sample_id)
         return Item(s.clip_id, s.caption, s.video_latent, self.stats.normalize(motion), s.text_embedding)
 
     def _read_error(self, shard_id: int, index: int, err: BaseException) -> ShardCorruptError:
@@ -418,7 +436,8 @@ class Batch:
     """A training batch. Every sample shares one latent shape; motion and text are zero-padded with masks / lengths."""
 
     video: Optional[torch.Tensor]  # [B, C, F_lat, H_lat, W_lat] in the stored dtype, or None for a motion-only batch
-    motion: torch.Tensor  # [B, F, 235] normalized float32, F padded to the longest clip and to the sp multiple
+    motion: torch.Tensor  # [B, F, 235] normalized float32, F padded to the longest clip (or
+    # data.motion_frames for motion-only batches) and to the sp multiple
     motion_mask: torch.Tensor  # [B, F] bool, True = a real frame
     text: torch.Tensor  # [B, text_len, text_dim] stored dtype, zero-padded (Wan pads text with zeros, unmasked)
     text_lengths: torch.Tensor  # [B] long, true lengths (after truncation)
@@ -458,9 +477,10 @@ class Collate:
     """Items -> Batch. Pads motion per modality for sequence parallelism (video token counts are fixed by the latent grid;
     parallel/ pads those at its token-sharding point), pads or truncates text to `text_len`."""
 
-    def __init__(self, text_len: int, sp_multiple: int = 1):
+    def __init__(self, text_len: int, sp_multiple: int = 1, motion_frames: Optional[int] = None):
         self.text_len = text_len
         self.frame_step = motion_frame_multiple(sp_multiple)
+        self.motion_frames = motion_frames
         self._warned_truncation = False
 
     def __call__(self, items: list[Item]) -> Batch:
@@ -482,7 +502,11 @@ class Collate:
                 )
             video = torch.stack([it.video for it in items])  # type: ignore[misc]
 
-        frames = max(it.motion.shape[0] for it in items)
+        most = max(it.motion.shape[0] for it in items)
+        if self.motion_frames is not None and video is None and most > self.motion_frames:
+            raise DataError(f"a motion-only clip has {most} frames, more than data.motion_frames={self.motion_frames}: "
+                            "the dataset crops them (build it with motion_frames, as build_dataloader does)")
+        frames = most if self.motion_frames is None or video is not None else self.motion_frames
         frames = -(-frames // self.frame_step) * self.frame_step
         motion = torch.zeros(len(items), frames, MOTION_FEATURE_DIM)
         motion_mask = torch.zeros(len(items), frames, dtype=torch.bool)
@@ -647,6 +671,7 @@ def build_dataloader(
     ]
     dataset = HuMoVeStreamingDataset(
         stats=stats,
+        motion_frames=d.motion_frames,
         streams=streams,
         epoch_size=d.epoch_size,
         predownload=d.predownload,
@@ -665,7 +690,7 @@ def build_dataloader(
         batch_size=batch_size,
         num_workers=d.num_workers,
         prefetch_factor=d.prefetch_factor if d.num_workers > 0 else None,
-        collate_fn=Collate(cfg.text_len, d.sp_multiple),
+        collate_fn=Collate(cfg.text_len, d.sp_multiple, d.motion_frames),
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
     )
