@@ -36,7 +36,10 @@ from echomotion.data.schema import COLUMNS, SCHEMA_VERSION, Sample, encode_sampl
 from echomotion.data.shards import SHARD_BYTES, SHARD_HASHES, is_remote
 from echomotion.motion import MOTION_FEATURE_DIM, NUM_BETAS, NUM_BODY_JOINTS, MotionStats, SMPLLayer, SMPLMotion
 
-__all__ = ["ClipRejected", "ManifestEntry", "read_manifest", "read_video", "read_smpl", "load_clip", "main"]
+__all__ = ["ClipRejected", "ManifestEntry", "read_manifest", "read_video", "read_smpl", "load_clip", "main",
+           # shared with prepare_motion.py: output, progress, resume, part writers, merge and report
+           "Output", "Progress", "Moments", "rejection", "first_line", "file_sha1", "barrier", "resume",
+           "open_part_writer", "merge_parts", "Merged", "nearest_frames"]
 
 SMPL_KEYS = ("betas", "global_orient", "body_pose", "transl")
 PROGRESS_DIR = "_progress"
@@ -67,7 +70,7 @@ def read_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[dict[str,
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} not found; pass a JSONL file with one clip per line")
     base = path.resolve().parent
-    entries, rejected, first_line = [], [], {}
+    entries, rejected, seen_on = [], [], {}
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -78,18 +81,18 @@ def read_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[dict[str,
             d, missing = {}, [f"(invalid JSON: {e.msg})"]
         clip_id = str(d.get("clip_id", f"line-{n}"))
         if missing:
-            rejected.append(_rejection(clip_id, "bad_manifest_line", f"manifest line {n} lacks {missing}", line=n))
-        elif clip_id in first_line:
-            rejected.append(_rejection(clip_id, "duplicate_clip_id",
-                                       f"clip_id already used on manifest line {first_line[clip_id]}", line=n))
+            rejected.append(rejection(clip_id, "bad_manifest_line", f"manifest line {n} lacks {missing}", line=n))
+        elif clip_id in seen_on:
+            rejected.append(rejection(clip_id, "duplicate_clip_id",
+                                       f"clip_id already used on manifest line {seen_on[clip_id]}", line=n))
         else:
-            first_line[clip_id] = n
+            seen_on[clip_id] = n
             entries.append(ManifestEntry(n, clip_id, base / d["video"], base / d["smpl"], str(d["caption"]),
                                          str(d.get("category", "")), str(d.get("source", ""))))
     return entries, rejected
 
 
-def _rejection(clip_id: str, kind: str, reason: str, **extra: Any) -> dict[str, Any]:
+def rejection(clip_id: str, kind: str, reason: str, **extra: Any) -> dict[str, Any]:
     return {"clip_id": clip_id, "kind": kind, "reason": reason, **extra}
 
 
@@ -118,7 +121,7 @@ def read_video(path: Path, fps: float, frames: int, height: int, width: int) -> 
     try:
         reader = iio.get_reader(str(path), format="ffmpeg")
     except Exception as e:
-        raise ClipRejected("unreadable_video", f"cannot open {path.name}: {type(e).__name__}: {_first_line(e)}") from e
+        raise ClipRejected("unreadable_video", f"cannot open {path.name}: {type(e).__name__}: {first_line(e)}") from e
     try:
         src_fps = float(reader.get_meta_data().get("fps") or 0.0)
         if not src_fps > 0:
@@ -133,7 +136,7 @@ def read_video(path: Path, fps: float, frames: int, height: int, width: int) -> 
     except ClipRejected:
         raise
     except Exception as e:
-        raise ClipRejected("unreadable_video", f"cannot decode {path.name}: {type(e).__name__}: {_first_line(e)}") from e
+        raise ClipRejected("unreadable_video", f"cannot decode {path.name}: {type(e).__name__}: {first_line(e)}") from e
     finally:
         reader.close()
     if count == 0:
@@ -144,7 +147,7 @@ def read_video(path: Path, fps: float, frames: int, height: int, width: int) -> 
     return np.stack([kept[i] for i in wanted.tolist()]), count, src_fps
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
 
@@ -161,7 +164,7 @@ def read_smpl(path: Path) -> tuple[dict[str, np.ndarray], Optional[float]]:
     except ClipRejected:
         raise
     except Exception as e:
-        raise ClipRejected("unreadable_smpl", f"cannot read {path.name}: {type(e).__name__}: {_first_line(e)}") from e
+        raise ClipRejected("unreadable_smpl", f"cannot read {path.name}: {type(e).__name__}: {first_line(e)}") from e
     n = arrays["global_orient"].shape[0] if arrays["global_orient"].ndim == 2 else -1
     betas = arrays["betas"]
     betas = np.broadcast_to(betas, (n, betas.shape[-1])) if betas.ndim == 1 and n >= 0 else betas
@@ -203,11 +206,16 @@ def load_clip(entry: ManifestEntry, fps: float, frames: int, height: int, width:
         raise ClipRejected("frame_count_mismatch",
                            f"video has {n_video} frames at {video_fps:g} fps ({n_video / video_fps:.2f} s) but SMPL has "
                            f"{n_smpl} frames at {smpl_fps:g} fps ({n_smpl / smpl_fps:.2f} s)")
-    idx = np.minimum(np.round(np.arange(frames) / fps * smpl_fps).astype(np.int64), n_smpl - 1)
-    return video, {k: v[idx] for k, v in params.items()}
+    return video, {k: v[nearest_frames(frames, fps, smpl_fps, n_smpl)] for k, v in params.items()}
 
 
-class _Output:
+def nearest_frames(frames: int, fps: float, src_fps: float, n_src: int) -> np.ndarray:
+    """Source frame indices for `frames` frames at `fps`: the nearest source timestamp (no blending, so rotations stay
+    valid rotations and joints stay the FK of the kept poses), clamped to the last source frame."""
+    return np.minimum(np.round(np.arange(frames) / fps * src_fps).astype(np.int64), n_src - 1)
+
+
+class Output:
     """The output folder: local, or a local staging folder mirrored to a remote prefix (s3://...).
 
     Progress files are the record of what is finished. For a remote output the remote copies are the truth: every
@@ -257,10 +265,10 @@ class _Output:
         return files
 
 
-class _Progress:
+class Progress:
     """One rank's committed parts, rewritten atomically (and uploaded) after every chunk."""
 
-    def __init__(self, output: _Output, rank: int, records: list[dict[str, Any]]):
+    def __init__(self, output: Output, rank: int, records: list[dict[str, Any]]):
         self.output, self.rank, self.records = output, rank, list(records)
         self.name = f"rank-{rank:05d}.jsonl"
 
@@ -279,7 +287,7 @@ class _Progress:
         self.output.upload(f"{PROGRESS_DIR}/{self.name}")
 
 
-class _Moments:
+class Moments:
     """Count, sum and sum of squares of motion features (float64): mergeable across parts and ranks without
     re-reading the shards."""
 
@@ -292,7 +300,7 @@ class _Moments:
         x = x.double().numpy()
         self.n, self.s, self.q = self.n + x.shape[0], self.s + x.sum(0), self.q + (x * x).sum(0)
 
-    def merge(self, other: "_Moments") -> None:
+    def merge(self, other: "Moments") -> None:
         self.n, self.s, self.q = self.n + other.n, self.s + other.s, self.q + other.q
 
     def to_json(self) -> dict[str, Any]:
@@ -342,10 +350,10 @@ def _settings(args: argparse.Namespace, codec, tenc) -> dict[str, Any]:
     body models must not mix, and a copy of the same file elsewhere is still the same model."""
     return {"schema_version": SCHEMA_VERSION, "fps": args.fps, "num_frames": args.frames, "height": args.height,
             "width": args.width, "video_codec": codec.describe(), "text_encoder": tenc.describe(),
-            "latent_dtype": args.latent_dtype, "smpl_model_sha1": _file_sha1(args.smpl_model)}
+            "latent_dtype": args.latent_dtype, "smpl_model_sha1": file_sha1(args.smpl_model)}
 
 
-def _file_sha1(path: str | Path) -> str:
+def file_sha1(path: str | Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -353,7 +361,7 @@ def _file_sha1(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _check_settings(output: _Output, old: Optional[dict[str, Any]], settings: dict[str, Any]) -> None:
+def _check_settings(output: Output, old: Optional[dict[str, Any]], settings: dict[str, Any]) -> None:
     """A folder holds one encoding: a restart with other settings would mix latents of different kinds. The first
     run records its settings; every later run must match them."""
     if old is None:
@@ -388,20 +396,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
-    output = _Output(args.out, args.local_dir)
+    output = Output(args.out, args.local_dir)
     entries, manifest_rejects = read_manifest(args.manifest)
     codec = build_video_codec(args.codec, args.vae_path, args.device)
     tenc = build_text_encoder(args.text_encoder, args.text_encoder_path, args.device)
     layer = SMPLLayer(args.smpl_model)
-    by_file, old_settings = output.read_progress()
-    if rank == 0:  # torchrun gives every rank the same arguments; if rank 0 stops here, torchrun stops the rest
-        _check_settings(output, old_settings, _settings(args, codec, tenc))
-    progress = _Progress(output, rank, by_file.get(f"rank-{rank:05d}.jsonl", []))
-    records = [r for recs in by_file.values() for r in recs]
-    done = {c for r in records for c in r["clips"]}
-    if not args.retry_rejected:
-        done |= {x["clip_id"] for r in records for x in r["rejected"]}
-    _barrier(world)  # every rank has read the progress files before any rank rewrites its own
+    progress, done = resume(output, rank, world, _settings(args, codec, tenc), args.retry_rejected)
     mine = [e for k, e in enumerate(entries) if k % world == rank]
     pending = [e for e in mine if e.clip_id not in done]
     counts = {"rank": rank, "assigned": len(mine), "skipped_done": len(mine) - len(pending), "encoded": 0, "rejected": 0}
@@ -414,22 +414,45 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     bar.close()
     print(f"prepare_humove[rank {rank}]: encoded {counts['encoded']}, skipped {counts['skipped_done']} already "
           f"done, rejected {counts['rejected']}", flush=True)
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         counts["summary"] = _finalize(args, output, entries, manifest_rejects, codec, tenc)
-    _barrier(world)
+    barrier(world)
     if world > 1:
         torch.distributed.destroy_process_group()
     return counts
 
 
-def _write_part(chunk: list[ManifestEntry], part: str, output: _Output, codec, tenc, layer: SMPLLayer,
+def resume(output: Output, rank: int, world: int, settings: dict[str, Any], retry_rejected: bool
+           ) -> tuple[Progress, set[str]]:
+    """This rank's progress file and the ids every rank has finished (written, or rejected unless `retry_rejected`).
+    Rank 0 records the settings on a first run and refuses other settings on a restart."""
+    by_file, old_settings = output.read_progress()
+    if rank == 0:  # torchrun gives every rank the same arguments; if rank 0 stops here, torchrun stops the rest
+        _check_settings(output, old_settings, settings)
+    progress = Progress(output, rank, by_file.get(f"rank-{rank:05d}.jsonl", []))
+    records = [r for recs in by_file.values() for r in recs]
+    done = {c for r in records for c in r["clips"]}
+    if not retry_rejected:
+        done |= {x["clip_id"] for r in records for x in r["rejected"]}
+    barrier(world)  # every rank has read the progress files before any rank rewrites its own
+    return progress, done
+
+
+def open_part_writer(output: Output, part: str, keep_local: bool):
+    """The MDS writer of one part folder (exist_ok: clears a crashed run's leftovers of the same part)."""
+    from streaming import MDSWriter
+
+    out = (str(output.local / part), f"{output.remote}/{part}") if output.remote else str(output.local / part)
+    return MDSWriter(out=out, columns=COLUMNS, keep_local=keep_local or output.remote is None, size_limit=SHARD_BYTES,
+                     hashes=SHARD_HASHES, exist_ok=True)
+
+
+def _write_part(chunk: list[ManifestEntry], part: str, output: Output, codec, tenc, layer: SMPLLayer,
                 args: argparse.Namespace, counts: dict[str, int], bar: tqdm) -> dict[str, Any]:
     """Encode one chunk into the MDS part folder `part` and return its progress record. The writer is finished (its
     shards closed and uploaded) before the caller records the chunk as done."""
-    from streaming import MDSWriter
-
-    writer, clips, rejected, moments = None, [], [], _Moments()
+    writer, clips, rejected, moments = None, [], [], Moments()
     for b in range(0, len(chunk), args.batch_size):
         batch, loaded = [], []
         for e in chunk[b : b + args.batch_size]:
@@ -437,13 +460,10 @@ def _write_part(chunk: list[ManifestEntry], part: str, output: _Output, codec, t
                 loaded.append(load_clip(e, args.fps, args.frames, args.height, args.width))
                 batch.append(e)
             except ClipRejected as r:
-                rejected.append(_rejection(e.clip_id, r.kind, str(r), line=e.line, video=str(e.video), smpl=str(e.smpl)))
+                rejected.append(rejection(e.clip_id, r.kind, str(r), line=e.line, video=str(e.video), smpl=str(e.smpl)))
         if batch:
             if writer is None:  # a part folder only for chunks with at least one good clip
-                out = (str(output.local / part), f"{output.remote}/{part}") if output.remote else str(output.local / part)
-                writer = MDSWriter(out=out, columns=COLUMNS, keep_local=args.keep_local or output.remote is None,
-                                   size_limit=SHARD_BYTES, hashes=SHARD_HASHES,
-                                   exist_ok=True)  # exist_ok: clears a crashed run's leftovers
+                writer = open_part_writer(output, part, args.keep_local)
             for e, sample in _encode_batch(batch, loaded, codec, tenc, layer, args):
                 writer.write(encode_sample(sample, args.latent_dtype))
                 moments.add(SMPLMotion(sample.betas, sample.global_orient, sample.body_pose, sample.transl,
@@ -461,14 +481,57 @@ def _write_part(chunk: list[ManifestEntry], part: str, output: _Output, codec, t
             "moments": moments.to_json()}
 
 
-def _barrier(world: int) -> None:
+def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
 
 
-def _finalize(args: argparse.Namespace, output: _Output, entries: list[ManifestEntry],
+def _finalize(args: argparse.Namespace, output: Output, entries: list[ManifestEntry],
               manifest_rejects: list[dict[str, Any]], codec, tenc) -> dict[str, Any]:
     """Rank 0, after every rank has finished: merged index, rejection report, motion stats, dataset.json."""
+    merged = merge_parts(args.out, output, {e.clip_id for e in entries}, manifest_rejects)
+    torch.save(tenc.encode([""])[0], output.local / "null_text.pt")
+    info = {"name": Path(args.manifest).stem, **_settings(args, codec, tenc),
+            "latent_shape": list(codec.latent_shape(args.frames, args.height, args.width)), "text_dim": tenc.dim,
+            "smpl_model": str(Path(args.smpl_model).resolve()), "counts": merged.counts(),
+            "manifest": str(Path(args.manifest).resolve()),
+            "motion_stats": "motion_stats.json" if merged.moments.n else None, "null_text": "null_text.pt",
+            "parts": merged.parts}
+    (output.local / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    for name in ("dataset.json", "null_text.pt"):
+        output.upload(name)
+    merged.report("prepare_humove", args.out, "clips")
+    return info["counts"]
+
+
+@dataclass
+class Merged:
+    """What the ranks wrote, merged: part folders, written ids, rejections (latest per id) and feature moments."""
+
+    parts: list[str]
+    written: list[str]
+    rejected: list[dict[str, Any]]
+    moments: Moments
+
+    def counts(self) -> dict[str, Any]:
+        kinds = Counter(x["kind"] for x in self.rejected)
+        return {"clips": len(self.written), "rejected": len(self.rejected), "rejected_by_kind": dict(sorted(kinds.items()))}
+
+    def report(self, tool: str, out: str, what: str) -> None:
+        """One summary line on stdout; the first rejections with their reasons on stderr."""
+        kinds = self.counts()["rejected_by_kind"]
+        print(f"{tool}: {len(self.written)} {what} in {out} ({len(self.parts)} parts), {len(self.rejected)} rejected"
+              + (f" -> {out.rstrip('/')}/rejected.jsonl: " + ", ".join(f"{k} {v}" for k, v in kinds.items())
+                 if self.rejected else ""), flush=True)
+        for x in self.rejected[:20]:
+            print(f"  rejected {x['clip_id']}: [{x['kind']}] {x['reason']}", file=sys.stderr)
+        if len(self.rejected) > 20:
+            print(f"  ... {len(self.rejected) - 20} more in rejected.jsonl", file=sys.stderr)
+
+
+def merge_parts(out: str, output: Output, expected: set[str], early_rejects: list[dict[str, Any]]) -> Merged:
+    """Rank 0, after every rank has finished: checks that every expected id was written or rejected, merges the parts'
+    indexes into one index.json, and writes (and uploads) rejected.jsonl and motion_stats.json."""
     from streaming.base.util import merge_index
 
     by_file, _ = output.read_progress()
@@ -477,12 +540,12 @@ def _finalize(args: argparse.Namespace, output: _Output, entries: list[ManifestE
     clips = [c for r in records for c in r["clips"]]
     written = set(clips)
     latest = {x["clip_id"]: x for r in records for x in r["rejected"] if x["clip_id"] not in written}  # retries
-    rejected = manifest_rejects + sorted(latest.values(), key=lambda x: x.get("line", 0))
+    rejected = early_rejects + sorted(latest.values(), key=lambda x: x.get("line", 0))
     if len(written) != len(clips):
-        raise RuntimeError(f"{args.out}: a clip was recorded in two parts; the progress files are inconsistent")
-    unaccounted = {e.clip_id for e in entries} - written - set(latest)
+        raise RuntimeError(f"{out}: a clip was recorded in two parts; the progress files are inconsistent")
+    unaccounted = expected - written - set(latest)
     if unaccounted:
-        raise RuntimeError(f"{len(unaccounted)} manifest clips were neither written nor rejected, e.g. "
+        raise RuntimeError(f"{len(unaccounted)} clips were neither written nor rejected, e.g. "
                            f"{sorted(unaccounted)[:5]}; rerun the same command to finish them")
     local = output.local
     (local / "index.json").unlink(missing_ok=True)
@@ -496,27 +559,11 @@ def _finalize(args: argparse.Namespace, output: _Output, entries: list[ManifestE
             logging.disable(logging.NOTSET)
     with open(local / "rejected.jsonl", "w") as f:
         f.writelines(json.dumps(x) + "\n" for x in rejected)
-    moments = _Moments()
+    moments = Moments()
     for r in records:
-        moments.merge(_Moments(**r["moments"]))
+        moments.merge(Moments(**r["moments"]))
     if moments.n:
         moments.stats().save(local / "motion_stats.json")
-    torch.save(tenc.encode([""])[0], local / "null_text.pt")
-    kinds = Counter(x["kind"] for x in rejected)
-    info = {"name": Path(args.manifest).stem, **_settings(args, codec, tenc),
-            "latent_shape": list(codec.latent_shape(args.frames, args.height, args.width)), "text_dim": tenc.dim,
-            "smpl_model": str(Path(args.smpl_model).resolve()),
-            "counts": {"clips": len(clips), "rejected": len(rejected), "rejected_by_kind": dict(sorted(kinds.items()))},
-            "manifest": str(Path(args.manifest).resolve()), "motion_stats": "motion_stats.json" if moments.n else None,
-            "null_text": "null_text.pt", "parts": parts}
-    (local / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    for name in ("rejected.jsonl", "dataset.json", "null_text.pt") + (("motion_stats.json",) if moments.n else ()):
+    for name in ("rejected.jsonl",) + (("motion_stats.json",) if moments.n else ()):
         output.upload(name)
-    print(f"prepare_humove: {len(clips)} clips in {args.out} ({len(parts)} parts), {len(rejected)} rejected"
-          + (f" -> {args.out.rstrip('/')}/rejected.jsonl: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
-             if rejected else ""), flush=True)
-    for x in rejected[:20]:
-        print(f"  rejected {x['clip_id']}: [{x['kind']}] {x['reason']}", file=sys.stderr)
-    if len(rejected) > 20:
-        print(f"  ... {len(rejected) - 20} more in rejected.jsonl", file=sys.stderr)
-    return info["counts"]
+    return Merged(parts, clips, rejected, moments)
