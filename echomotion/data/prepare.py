@@ -393,9 +393,7 @@ def _encode_batch(batch, loaded, codec, tenc, layer: SMPLLayer, args) -> list[tu
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run one rank of the preprocessing (RANK / WORLD_SIZE from torchrun); returns this rank's counts."""
     args = _parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
+    rank, world = join_ranks()
     output = Output(args.out, args.local_dir)
     entries, manifest_rejects = read_manifest(args.manifest)
     codec = build_video_codec(args.codec, args.vae_path, args.device)
@@ -481,6 +479,15 @@ def _write_part(chunk: list[ManifestEntry], part: str, output: Output, codec, te
             "moments": moments.to_json()}
 
 
+def join_ranks() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, joining a gloo group when there are several: the ranks only
+    meet at barriers between long encoding runs, hence the day-long timeout."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
+    return rank, world
+
+
 def barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -497,11 +504,17 @@ def _finalize(args: argparse.Namespace, output: Output, entries: list[ManifestEn
             "manifest": str(Path(args.manifest).resolve()),
             "motion_stats": "motion_stats.json" if merged.moments.n else None, "null_text": "null_text.pt",
             "parts": merged.parts}
+    write_dataset_info(output, info, merged, "prepare_humove", args.out)
+    return info["counts"]
+
+
+def write_dataset_info(output: Output, info: dict[str, Any], merged: "Merged", tool: str, out: str) -> None:
+    """Rank 0's last step of a preparation tool: dataset.json (and the null text already saved) uploaded, the summary and
+    the first rejections printed."""
     (output.local / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     for name in ("dataset.json", "null_text.pt"):
         output.upload(name)
-    merged.report("prepare_humove", args.out, "clips")
-    return info["counts"]
+    merged.report(tool, out, "clips")
 
 
 @dataclass

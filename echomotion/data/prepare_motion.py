@@ -23,10 +23,7 @@ for a motion-only Phase 1 run) reads it like any other stream.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,11 +39,13 @@ from echomotion.data.prepare import (
     barrier,
     file_sha1,
     first_line,
+    join_ranks,
     merge_parts,
     nearest_frames,
     open_part_writer,
     rejection,
     resume,
+    write_dataset_info,
 )
 from echomotion.data.schema import SCHEMA_VERSION, Sample, encode_sample
 from echomotion.motion import NUM_BETAS, NUM_BODY_JOINTS, SMPLLayer, SMPLMotion
@@ -206,9 +205,7 @@ def load_unit(clip: str, args: argparse.Namespace) -> tuple[list[tuple[str, str,
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run one rank (RANK / WORLD_SIZE from torchrun); returns this rank's counts."""
     args = _parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
+    rank, world = join_ranks()
     output = Output(args.out, args.local_dir)
     clips = clip_ids(Path(args.input))
     tenc = build_text_encoder(args.text_encoder, args.text_encoder_path, args.device)
@@ -299,8 +296,5 @@ def _finalize(args: argparse.Namespace, output: Output, clips: list[str], tenc) 
             "texts": str(Path(args.texts).resolve()) if args.texts else None, "counts": counts,
             "motion_stats": "motion_stats.json" if merged.moments.n else None, "null_text": "null_text.pt",
             "parts": merged.parts}
-    (output.local / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    for name in ("dataset.json", "null_text.pt"):
-        output.upload(name)
-    merged.report("prepare_motion", args.out, "clips")
+    write_dataset_info(output, info, merged, "prepare_motion", args.out)
     return counts
