@@ -76,14 +76,14 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _group_size(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+def _rank_and_world(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
 def _all_gather(obj: Any, group: Optional[dist.ProcessGroup]) -> list[Any]:
-    rank, world = _group_size(group)
+    rank, world = _rank_and_world(group)
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
@@ -93,7 +93,7 @@ def _all_gather(obj: Any, group: Optional[dist.ProcessGroup]) -> list[Any]:
 
 def _my_share(folder: Path, group: Optional[dist.ProcessGroup]) -> list[Path]:
     """This rank's part of the folder's files (every world-th, by sorted path), so reading them back splits over ranks."""
-    rank, world = _group_size(group)
+    rank, world = _rank_and_world(group)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "meta.json")
     return files[rank::world]
 
@@ -111,7 +111,7 @@ def verify(folder: Path, group: Optional[dist.ProcessGroup] = None) -> list[str]
     table = read_meta(folder).get("files")
     if table is None:
         return []
-    rank, world = _group_size(group)
+    rank, world = _rank_and_world(group)
     problems = []
     for rel in sorted(table)[rank::world]:
         path, want = folder / rel, table[rel]

@@ -64,13 +64,22 @@ def _data_problems(d: DataConfig) -> list[str]:
     problems = [_problem(key, f"{path.rstrip('/')}/{INDEX}", d) for key, path in streams.items()]
     problems.append(_problem("data.stats_path" if d.stats_path else "data.path (its motion_stats.json)",
                              d.stats_path or f"{d.path.rstrip('/')}/{STATS}", d))
-    if d.null_text_path:
-        problems.append(_local_problem("data.null_text_path", d.null_text_path))
-    elif _remote(d.path):
-        problems.append("data.path is remote: copy its null_text.pt locally and set data.null_text_path")
-    else:
-        problems.append(_local_problem("data.path (its null_text.pt; or set data.null_text_path)", f"{d.path}/{NULL_TEXT}"))
+    problems.append(null_text_problem(d))
     return [p for p in problems if p]
+
+
+def null_text_path(d: DataConfig) -> str:
+    """The empty prompt's embedding: data.null_text_path, else the one the data tools write next to the shards."""
+    return d.null_text_path or f"{str(d.path).rstrip('/')}/{NULL_TEXT}"
+
+
+def null_text_problem(d: DataConfig) -> Optional[str]:
+    """It is read with torch.load, so it must be local."""
+    if d.null_text_path:
+        return _local_problem("data.null_text_path", d.null_text_path)
+    if _remote(str(d.path)):
+        return "data.path is remote: copy its null_text.pt locally and set data.null_text_path"
+    return _local_problem("data.path (its null_text.pt; or set data.null_text_path)", null_text_path(d))
 
 
 def _init_problems(cfg: Config) -> list[str]:
@@ -103,10 +112,15 @@ def input_problems(cfg: Config, resuming: bool) -> list[str]:
 
 
 def will_resume(cfg: Config) -> bool:
-    """Whether the run starts from a checkpoint in (or named by) train.resume, so train.init_* are not read."""
+    """Whether the run starts from a checkpoint in (or named by) train.resume, so train.init_* are not read. Only looks
+    for a complete one: verifying it (a read of the whole checkpoint, collective, and setting a corrupt one aside) is the
+    trainer's job at start-up, once."""
     from .checkpoint import CheckpointManager
 
-    return CheckpointManager(cfg.train.run_dir, 0, 0).find(cfg.train.resume) is not None
+    t = cfg.train
+    if t.resume == "never":
+        return False
+    return t.resume != "auto" or CheckpointManager(t.run_dir, 0, 0).latest() is not None
 
 
 def check_inputs(cfg: Config, world_size: Optional[int] = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import signal
@@ -35,7 +34,7 @@ from .checkpoint import (CheckpointManager, SaveResult, TrainState, load_model_w
 from .config import Config, ConfigError, TrainConfig, load_config, to_yaml
 from .data.encoders import pad_text
 from .data.streaming import Batch, build_dataloader
-from .diffusion.tasks import TrainingBatch, training_loss
+from .diffusion.tasks import TrainingBatch, keyed_generator, training_loss
 from .distributed import DistEnv, any_rank, first_problem, init_distributed, shutdown
 from .faults import Faults
 from .metrics import ProgressReport, PrometheusExporter, StepLoggers, peak_flops_per_device
@@ -43,7 +42,7 @@ from .models import EchoMotionDiT, is_motion_parameter
 from .models.flops import training_flops
 from .models.wan_io import load_wan
 from .motion.smpl import MOTION_TOKENS_PER_FRAME
-from .preflight import check_inputs
+from .preflight import check_inputs, null_text_path, null_text_problem
 from .runlock import RunDirInUse, RunDirLock, exit_with_parent
 from .validation import Validation
 
@@ -55,8 +54,7 @@ class TrainingError(RuntimeError):
 def sample_generator(seed: int, step: int, micro: int, clip_id: str) -> torch.Generator:
     """A sample's draws (task, drops, sigma, noise) depend only on (seed, step, micro-batch, clip id), never on which rank
     holds the sample, so every parallel layout and a resumed run draw the same."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{micro}:{clip_id}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return keyed_generator(f"{seed}:{step}:{micro}:{clip_id}")
 
 
 def build_model(cfg: Config, initial_weights: bool = True) -> EchoMotionDiT:
@@ -106,12 +104,10 @@ def lr_factor(step: int, t: Any) -> float:
 
 def load_null_text(cfg: Config) -> torch.Tensor:
     """The empty prompt's embedding, written next to the shards by the data tools."""
-    path = Path(cfg.data.null_text_path or Path(str(cfg.data.path)) / "null_text.pt")
-    if str(cfg.data.path).startswith("s3://") and cfg.data.null_text_path is None:
-        raise TrainingError("data.path is remote: copy null_text.pt locally and set data.null_text_path")
-    if not path.exists():
-        raise TrainingError(f"{path} not found: the dataset tools write it; or set data.null_text_path")
-    return pad_text(torch.load(path, weights_only=True), cfg.text_len).float()
+    problem = null_text_problem(cfg.data)
+    if problem is not None:  # main() checked it already; a Trainer built in-process did not
+        raise TrainingError(problem)
+    return pad_text(torch.load(null_text_path(cfg.data), weights_only=True), cfg.text_len).float()
 
 
 def adamw(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:

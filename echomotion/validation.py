@@ -14,7 +14,6 @@ echomotion/evaluate.py's metrics.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 from pathlib import Path
@@ -29,7 +28,7 @@ from .config import Config
 from .data.encoders import pad_text
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
-from .diffusion.tasks import GENERATES, TrainingBatch, eval_errors
+from .diffusion.tasks import GENERATES, TrainingBatch, eval_errors, keyed_generator
 from .models import EchoMotionDiT, Task
 from .motion import MotionStats
 
@@ -40,8 +39,7 @@ SAMPLE_TASKS: dict[int, tuple[str, ...]] = {1: ("t2m",), 2: ("t2vm", "t2m", "m2v
 def eval_generator(seed: int, clip_id: str, task: Task, sigma_index: int) -> torch.Generator:
     """The noise of one validation example: a function of (seed, clip, task, sigma index) only, like the trainer's
     `sample_generator`, so every rank and layout draws the same."""
-    digest = hashlib.blake2b(f"eval:{seed}:{clip_id}:{task.name}:{sigma_index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return keyed_generator(f"eval:{seed}:{clip_id}:{task.name}:{sigma_index}")
 
 
 def eval_batch(s: Sample, stats: MotionStats, text_len: int, device: torch.device) -> TrainingBatch:

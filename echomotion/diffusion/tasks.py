@@ -17,6 +17,7 @@ noises a given task at a given sigma with the same code, dropping nothing but V2
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence
 
@@ -75,6 +76,13 @@ class ModelInputs:
             text=self.text,
             task=self.task,
         )
+
+
+def keyed_generator(key: str) -> torch.Generator:
+    """A CPU generator seeded by a hash of `key`: draws that depend only on what the key names (seed, step, clip, ...),
+    never on which rank or layout makes them."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 def _uniform(n: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
