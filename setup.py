@@ -30,6 +30,8 @@ CORE = [
 EXTRAS = {
     # CUDA-only: Transformer Engine FP8 and flash-attn varlen. Chosen at run time; never installed on CPU machines.
     "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    # parallel.fp8=torchao: torchao's Float8Linear (pure Python for this use; 0.17 is built for torch >= 2.11)
+    "fp8": ["torchao==0.17.0"],
     # train.loggers=[jsonl,tensorboard,wandb]
     "loggers": ["tensorboard==2.21.0", "wandb==0.31.0"],
     # Test tools and the independent references the tests compare against (diffusers' Wan model).
@@ -45,6 +47,7 @@ EXTRAS = {
         "tensorboard==2.21.0",  # the TensorBoard logger's test reads its event files back
         "wandb==0.31.0",  # the W&B logger's test writes an offline run and reads its .wandb file back
         "psutil==7.2.2",  # the launcher-death test finds the workers a killed torchrun left (also a deepspeed dependency)
+        "torchao==0.17.0",  # parallel.fp8=torchao's tests and tools/gpu_check.py --dry-run (its float8 matmul runs on CPU)
     ],
 }
 

@@ -219,8 +219,11 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # "none" | "full" (every block) | "every_k" (every k-th block, k = ac_every)
     ac_every: int = 2
     compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
-    fp8: str = "none"  # "none" | "te": expert linears as Transformer Engine modules under fp8_autocast (CUDA only)
-    fp8_recipe: str = "delayed"  # "delayed" | "current" scaling
+    # "none" | "te": expert linears as Transformer Engine modules under fp8_autocast (CUDA only) | "torchao": as torchao
+    # Float8Linears (docs/parallelism.md, FP8)
+    fp8: str = "none"
+    # scaling: te "delayed" | "current"; torchao "current" (per tensor) | "rowwise"; None = the backend's first
+    fp8_recipe: Optional[str] = None
 
 
 @dataclass
@@ -559,11 +562,30 @@ def _parallel_problems(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> lis
             problems.append(f"parallel.{key}={getattr(p, key)!r}: choose 'fp32' or 'bf16'")
     if p.activation_checkpointing not in ("none", "full", "every_k"):
         problems.append(f"parallel.activation_checkpointing={p.activation_checkpointing!r}: choose 'none', 'full' or 'every_k'")
-    if p.fp8 not in ("none", "te"):
-        problems.append(f"parallel.fp8={p.fp8!r}: choose 'none' or 'te' (Transformer Engine, CUDA only)")
+    return problems + _fp8_problems(p)
+
+
+FP8_RECIPES = {"te": ("delayed", "current"), "torchao": ("current", "rowwise")}  # per backend; the first is the default
+
+
+def fp8_recipe(p: ParallelConfig) -> str:
+    """The scaling recipe parallel.fp8 runs with: parallel.fp8_recipe, or the backend's default."""
+    return p.fp8_recipe or FP8_RECIPES[p.fp8][0]
+
+
+def _fp8_problems(p: ParallelConfig) -> list[str]:
+    if p.fp8 == "none":
+        return []
+    if p.fp8 not in FP8_RECIPES:
+        return [f"parallel.fp8={p.fp8!r}: choose 'none', 'te' (Transformer Engine, CUDA only) or 'torchao'"]
+    problems = []
     if p.fp8 == "te" and p.activation_checkpointing != "none":
         problems.append("parallel.fp8=te with activation checkpointing would recompute the checkpointed blocks outside FP8 "
-                        "autocast (in bf16): set parallel.activation_checkpointing=none, or parallel.fp8=none")
-    if p.fp8_recipe not in ("delayed", "current"):
-        problems.append(f"parallel.fp8_recipe={p.fp8_recipe!r}: choose 'delayed' or 'current'")
+                        "autocast (in bf16): set parallel.activation_checkpointing=none, or parallel.fp8=torchao/none")
+    if fp8_recipe(p) not in FP8_RECIPES[p.fp8]:
+        problems.append(f"parallel.fp8_recipe={p.fp8_recipe!r} with parallel.fp8={p.fp8}: choose one of "
+                        f"{list(FP8_RECIPES[p.fp8])} (or leave it unset for {FP8_RECIPES[p.fp8][0]!r})")
+    if p.tp > 1:
+        problems.append(f"parallel.fp8={p.fp8} with parallel.tp > 1 is not supported (the FP8 linears are not DTensor "
+                        "tensor-parallel here): use parallel.tp=1 with FSDP/SP, or parallel.fp8=none")
     return problems

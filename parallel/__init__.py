@@ -20,13 +20,10 @@ from .mesh import Layout, ParallelContext, build_parallel, resolve_layout
 def parallelize(model: EchoMotionDiT, ctx: ParallelContext, cfg: Config, device: torch.device) -> EchoMotionDiT:
     """Apply the configured layout to a model that every rank built identically (same seed or same weights), in place."""
     p = cfg.parallel
-    if p.fp8 == "te":
+    if p.fp8 != "none":  # the config check refused tp > 1 with FP8
         from .fp8 import check_fp8_available
 
         check_fp8_available(p, device)
-        if ctx.layout.tp > 1:
-            raise RuntimeError("parallel.fp8=te with parallel.tp > 1 is not supported (TE's own TP is not DTensor-based); "
-                               "use parallel.tp=1 with FSDP/SP, or parallel.fp8=none")
     if ctx.tp_mesh is not None:
         from .tensor_parallel import apply_tensor_parallel
 
@@ -35,10 +32,10 @@ def parallelize(model: EchoMotionDiT, ctx: ParallelContext, cfg: Config, device:
         from .ulysses import apply_sequence_parallel
 
         apply_sequence_parallel(model, ctx.sp_mesh.get_group())
-    if p.fp8 == "te":
-        from .fp8 import convert_to_te
+    if p.fp8 != "none":
+        from .fp8 import convert_to_fp8
 
-        convert_to_te(model, p.fp8_recipe)
+        convert_to_fp8(model, p)
     if p.activation_checkpointing != "none" or p.compile:
         from .activation import apply_activation_checkpointing, apply_compile
 

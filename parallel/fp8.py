@@ -1,4 +1,5 @@
-"""FP8 training with Transformer Engine (parallel.fp8=te), applied from outside: the experts' linears become TE Linears.
+"""FP8 training applied from outside: the experts' linears become Transformer Engine Linears (parallel.fp8=te) or torchao
+Float8Linears (parallel.fp8=torchao).
 
 Only the expert linears of every block run in FP8 (`self_attn.q/k/v/o`, `cross_attn.q/k/v/o`, `ffn.0`, `ffn.2` of the video
 expert and of each motion expert `blocks.N.motion.*`): they hold nearly all of the FLOPs. Modulation, the time/text/patch
@@ -13,12 +14,18 @@ TE's FP8 GEMMs need the rows of the input (batch x tokens) to be divisible by 8.
 (81 frames: 4,131), and a sequence-parallel rank holds an arbitrary slice, so the swapped linears zero-pad their input rows
 to a multiple of 16 when needed and drop the padded rows of the output (zeros add nothing to the weight gradient).
 
-Transformer Engine is imported lazily (CUDA-only extra, `pip install 'echomotion[gpu]'`); nothing here imports it on CPU
-unless asked for.
+torchao (`pip install 'echomotion[fp8]'`, pure Python for this use) is the second backend: dynamic per-tensor
+("current", torchao's tensorwise recipe) or per-row ("rowwise") scaling, no amax history and no autocast context, so it
+also composes with activation checkpointing. Its `pad_inner_dim` pads the token dimension where it is a matmul's inner
+dimension (the weight gradient), the same need TE's row padding meets. Parameter names and state_dict keys do not change.
+torchao's float8 matmul also runs on CPU (emulated), which the tests use; speed only means something on an FP8 GPU.
+
+Both backends are imported lazily; nothing here imports either unless asked for.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from types import ModuleType
 from typing import Any, ContextManager, Optional
@@ -27,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from echomotion.config import ParallelConfig
+from echomotion.config import ParallelConfig, fp8_recipe
 from echomotion.models.echomotion import DualBlock
 
 EXPERT_LINEARS = (
@@ -37,10 +44,13 @@ EXPERT_LINEARS = (
 )
 ROW_MULTIPLE = 16
 FIX = "pip install 'echomotion[gpu]' on a CUDA machine, or set parallel.fp8=none"
+TORCHAO_RECIPES = {"current": "tensorwise", "rowwise": "rowwise"}  # parallel.fp8_recipe -> torchao's recipe name
 
 
 def check_fp8_available(p: ParallelConfig, device: torch.device) -> None:
-    """Stop at start-up, naming what is missing, when parallel.fp8=te cannot run on this process's device."""
+    """Stop at start-up, naming what is missing, when the configured FP8 backend cannot run on this process's device."""
+    if p.fp8 == "torchao":
+        _check_torchao(device)
     if p.fp8 != "te":
         return
     missing = []
@@ -94,6 +104,36 @@ def convert_to_te(model: nn.Module, recipe: str) -> list[str]:
     return paths
 
 
+def convert_to_fp8(model: nn.Module, p: ParallelConfig) -> list[str]:
+    """Swap the expert linears for the configured backend's FP8 linears; returns their paths."""
+    convert = convert_to_te if p.fp8 == "te" else convert_to_torchao
+    return convert(model, fp8_recipe(p))
+
+
+def convert_to_torchao(model: nn.Module, recipe: str) -> list[str]:
+    """Swap the expert linears for torchao Float8Linears (same weights and names); returns their paths."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if recipe not in TORCHAO_RECIPES:
+        raise ValueError(f"parallel.fp8_recipe={recipe!r} with parallel.fp8=torchao: choose one of {sorted(TORCHAO_RECIPES)}")
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(TORCHAO_RECIPES[recipe]), pad_inner_dim=True)
+    paths = te_linear_paths(model)
+    wanted = set(paths)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda _, fqn: fqn in wanted)
+    return paths
+
+
+def _check_torchao(device: torch.device) -> None:
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:
+        raise RuntimeError(f"parallel.fp8=torchao needs torchao (`import torchao.float8` failed: {e}). "
+                           "Fix: pip install 'echomotion[fp8]', or set parallel.fp8=none.") from None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(f"parallel.fp8=torchao: {torch.cuda.get_device_name(device)} has no FP8 matmul (compute "
+                           "capability 8.9 or newer, e.g. H100/L40S). Fix: set parallel.fp8=none (bf16).")
+
+
 def build_recipe(name: str) -> Any:
     """TE's recipe for parallel.fp8_recipe: "delayed" (amax history of past steps) or "current" (per-tensor amax of this
     step). HYBRID: E4M3 forward, E5M2 gradients."""
@@ -111,10 +151,10 @@ def fp8_autocast(p: ParallelConfig, group: Optional[Any] = None) -> ContextManag
 
     `group`: the process group over which delayed scaling reduces amaxes (the data-parallel group keeps every rank on the
     same scales); None = TE's default."""
-    if p.fp8 != "te":
+    if p.fp8 != "te":  # torchao scales inside its Float8Linear: no context
         return contextlib.nullcontext()
     te = _import_te()
-    recipe = build_recipe(p.fp8_recipe)
+    recipe = build_recipe(fp8_recipe(p))
     if hasattr(te, "autocast"):  # TE >= 2.17 renamed fp8_autocast
         return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
     return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)

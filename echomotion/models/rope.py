@@ -55,7 +55,7 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Ten
     """Rotation angle of every channel pair: [L, head_dim // 2] float64, bands ordered t | h | w."""
     freqs = inverse_frequencies(head_dim, theta)
     pos = positions.to(torch.float64)
-    return torch.cat([pos[:, a, None] * freqs[a][None, :] for a in range(3)], dim=1)
+    return torch.cat([pos[:, a, None] * freqs[a].to(pos.device)[None, :] for a in range(3)], dim=1)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -77,7 +77,7 @@ def sincos_embedding(positions: Tensor, dim: int, theta: float = 100.0) -> Tenso
     for axis, width in enumerate(axis_dims(dim)):
         pairs = width // 2
         freqs = torch.pow(torch.tensor(theta, dtype=torch.float64), -torch.arange(pairs, dtype=torch.float64) / pairs)
-        angle = pos[:, axis, None] * freqs[None, :]
+        angle = pos[:, axis, None] * freqs.to(pos.device)[None, :]
         bands += [torch.sin(angle), torch.cos(angle)]
     return torch.cat(bands, dim=1).float()
 

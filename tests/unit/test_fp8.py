@@ -15,7 +15,7 @@ from torch import nn
 from echomotion.config import ParallelConfig, model_preset
 from echomotion.models.echomotion import EchoMotionDiT, Task
 from echomotion.motion.smpl import MOTION_FEATURE_DIM
-from parallel.fp8 import check_fp8_available, convert_to_te, fp8_autocast, te_linear_paths
+from parallel.fp8 import check_fp8_available, convert_to_fp8, convert_to_te, fp8_autocast, te_linear_paths
 
 
 def tiny(dual_layers: str = "0,2") -> EchoMotionDiT:
@@ -140,3 +140,52 @@ def test_autocast_builds_the_configured_recipe(fake_te: types.ModuleType, recipe
         pass
     (call,) = fake_te.calls
     assert call["enabled"] and call["recipe"] == FakeRecipe(recipe, "hybrid") and call["amax_reduction_group"] is None
+
+
+# ------------------------------------------------------------------------------------------- torchao, the real library
+def test_torchao_swap_keeps_names_and_quantizes_only_the_expert_linears() -> None:
+    """The real torchao Float8Linear on CPU (its float8 matmul is emulated there): exactly the expert linears change
+    class, names, weights and state_dict keys stay, and the model's output moves by FP8 rounding, not more."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    plain = tiny()
+    model = copy.deepcopy(plain)
+    swapped = convert_to_fp8(model, ParallelConfig(fp8="torchao"))
+    assert swapped == te_linear_paths(plain)
+    assert {n for n, m in model.named_modules() if isinstance(m, Float8Linear)} == set(swapped)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    for (name, a), (_, b) in zip(model.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    g = torch.Generator().manual_seed(0)  # 2 x 5 frames x 51 = 510 motion rows: not a multiple of 16
+    kw = dict(video=torch.randn(2, 16, 2, 4, 4, generator=g), video_timestep=torch.tensor([700.0, 30.0]),
+              text=torch.randn(2, 16, 32, generator=g), motion=torch.randn(2, 5, MOTION_FEATURE_DIM, generator=g),
+              motion_timestep=torch.tensor([250.0, 999.0]), task=torch.tensor([Task.JOINT, Task.V2M]))
+    ref, got = plain(**kw), model(**kw)
+    (got.video.square().mean() + got.motion.square().mean()).backward()
+    for a, b in ((got.video, ref.video), (got.motion, ref.motion)):
+        rel = float((a - b).norm() / b.norm())
+        # e4m3 keeps 3 mantissa bits (relative rounding up to 1/16 per element); 0 would mean nothing was quantized
+        assert 1e-4 < rel < 0.1, rel
+    assert all(model.get_submodule(p).weight.grad is not None for p in swapped)
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    ({"fp8": "torchao", "fp8_recipe": "delayed"}, "parallel.fp8_recipe='delayed' with parallel.fp8=torchao"),
+    ({"fp8": "te", "fp8_recipe": "rowwise"}, "parallel.fp8_recipe='rowwise' with parallel.fp8=te"),
+    ({"fp8": "torchao", "tp": 2}, "parallel.fp8=torchao with parallel.tp > 1"),
+    ({"fp8": "fp4"}, "parallel.fp8='fp4'"),
+])
+def test_fp8_config_problems_name_the_fix(overrides: dict, problem: str) -> None:
+    from echomotion.config import _fp8_problems
+
+    problems = _fp8_problems(ParallelConfig(**overrides))
+    assert any(problem in p for p in problems), problems
+
+
+def test_fp8_recipe_defaults_per_backend() -> None:
+    from echomotion.config import fp8_recipe
+
+    assert fp8_recipe(ParallelConfig(fp8="te")) == "delayed"
+    assert fp8_recipe(ParallelConfig(fp8="torchao")) == "current"
+    assert fp8_recipe(ParallelConfig(fp8="torchao", fp8_recipe="rowwise")) == "rowwise"
