@@ -104,3 +104,13 @@ def test_sincos_embedding_matches_brute_force() -> None:
             angles = [p[axis] * 100.0 ** (-j / pairs) for j in range(pairs)]
             want += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
         assert got[n].tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_tables_are_built_on_the_positions_device() -> None:
+    """The model builds positions on its device (CUDA in training); the frequencies must follow them there. The meta
+    device stands in for a second device on a CPU machine: mixing it with CPU tensors fails as CUDA does."""
+    from echomotion.models.rope import rope_angles, sincos_embedding, video_positions
+
+    pos = video_positions(2, 3, 4).to("meta")
+    assert rope_angles(pos, 12).device.type == "meta"
+    assert sincos_embedding(pos, 12).device.type == "meta"
