@@ -84,7 +84,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,7 +97,7 @@ from .config import Config, SampleConfig
 from .data.encoders import VideoCodec, pad_text, video_codec_from
 from .data.shards import iter_samples, motion_features
 from .data.synthetic import ACTIONS, COLOURS, project_joints, render_clip, render_labels, wall_fraction
-from .diffusion.sampler import SOLVERS, sample
+from .diffusion.sampler import SOLVERS, Request, sample
 from .motion import MotionStats, SMPLLayer, SMPLMotion
 
 MM_PER_UNIT = 1000.0
@@ -178,6 +178,9 @@ class EvaluationError(ValueError):
     """The data or model cannot be evaluated; the message says what is wrong and what to pass instead."""
 
 
+_SAMPLE_KEYS = tuple(f.name for f in fields(SampleConfig))  # EvalSettings carries each of them
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """Sampling settings of one evaluation (defaults: the exported config's `sample` section)."""
@@ -194,9 +197,12 @@ class EvalSettings:
     @classmethod
     def from_config(cls, sample_cfg: SampleConfig, **overrides: Any) -> "EvalSettings":
         """The config's sampling settings, with every override that is not None applied."""
-        keys = ("steps", "shift", "solver", "text_guidance", "condition_guidance", "seed")
-        base = {k: getattr(sample_cfg, k) for k in keys}
+        base = {k: getattr(sample_cfg, k) for k in _SAMPLE_KEYS}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def sample_config(self) -> SampleConfig:
+        """The sampler's settings (the sampler takes a SampleConfig; batching and clip count stay here)."""
+        return SampleConfig(**{k: getattr(self, k) for k in _SAMPLE_KEYS})
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -581,8 +587,7 @@ def generate(model: nn.Module, data: EvalData, settings: EvalSettings, device: t
     device = torch.device(device)
     batches = clip_batches(len(data.clips), settings.batch_size)
     out = Generated([], [], [], [], [])
-    kw = dict(steps=settings.steps, shift=settings.shift, solver=settings.solver, text_guidance=settings.text_guidance,
-              condition_guidance=settings.condition_guidance)
+    cfg = settings.sample_config()
     null = data.null_text.to(device)
     bar = tqdm(total=len(batches) * len(TASK_ORDER), desc="evaluate", unit="batch", disable=not progress)
     try:
@@ -592,18 +597,15 @@ def generate(model: nn.Module, data: EvalData, settings: EvalSettings, device: t
             motion = torch.stack([c.motion for c in clips]).to(device)
             text = torch.stack([c.text for c in clips]).to(device)
             frames = motion.shape[1]
-            _, v2m = sample(model, "v2m", None, null, video_cond=video, motion_frames=frames,
-                            generator=_generator(settings.seed, "v2m", b), **kw)
-            bar.update()
-            m2v, _ = sample(model, "m2v", text, null, video_shape=video.shape, motion_cond=motion,
-                            generator=_generator(settings.seed, "m2v", b), **kw)
-            bar.update()
-            t2v, t2m = sample(model, "t2vm", text, null, video_shape=video.shape, motion_frames=frames,
-                              generator=_generator(settings.seed, "t2vm", b), **kw)
-            bar.update()
-            _, t2m_only = sample(model, "t2m", text, null, motion_frames=frames,
-                                 generator=_generator(settings.seed, "t2m", b), **kw)
-            bar.update()
+            requests = {"v2m": Request("v2m", video_cond=video, motion_frames=frames),
+                        "m2v": Request("m2v", text, video_shape=video.shape, motion_cond=motion),
+                        "t2vm": Request("t2vm", text, video_shape=video.shape, motion_frames=frames),
+                        "t2m": Request("t2m", text, motion_frames=frames)}
+            got = {}
+            for task, request in requests.items():
+                got[task] = sample(model, request, null, cfg, generator=_generator(settings.seed, task, b))
+                bar.update()
+            (_, v2m), (m2v, _), (t2v, t2m), (_, t2m_only) = got["v2m"], got["m2v"], got["t2vm"], got["t2m"]
             for results, batch in ((out.v2m_motion, v2m), (out.m2v_video, m2v), (out.t2vm_video, t2v),
                                    (out.t2vm_motion, t2m), (out.t2m_motion, t2m_only)):
                 results.extend(batch.float().cpu().unbind(0))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -29,7 +29,7 @@ from .config import Config
 from .data.encoders import TextEncoder, pad_text, text_encoder_from
 from .data.schema import Sample
 from .data.shards import iter_samples, motion_features
-from .diffusion.sampler import GENERATED, TASKS, sample
+from .diffusion.sampler import GENERATED, TASKS, Request, sample
 from .export import DataAssets, load_exported, read_data_assets
 from .motion import SMPLMotion, render_skeleton, side_by_side
 
@@ -132,22 +132,20 @@ class InferenceContext:
     def generate(self, task: str, *, prompts: Sequence[str] = (), clips: Sequence[Sample] = (), seed: int = 0,
                  overrides: Optional[dict] = None, text: Optional[torch.Tensor] = None) -> list[Generated]:
         """One batched sampling run. t2vm/t2m take prompts; m2v takes clips (their motion + caption); v2m takes clips
-        (their video latent). `text`: the prompts' (t2vm, t2m) or clips' (m2v) embeddings [B, L, D] when already
-        encoded (`stored_text`), so the text encoder is not needed."""
+        (their video latent). `overrides`: SampleConfig fields replacing the config's `sample` section. `text`: the
+        prompts' (t2vm, t2m) or clips' (m2v) embeddings [B, L, D] when already encoded (`stored_text`), so the text
+        encoder is not needed."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
-        s = self.cfg.sample
-        opts = {**dict(steps=s.steps, shift=s.shift, solver=s.solver, text_guidance=s.text_guidance,
-                       condition_guidance=s.condition_guidance), **(overrides or {})}
-        gen = torch.Generator().manual_seed(seed)
+        settings = replace(self.cfg.sample, **(overrides or {}))
         frames = int(self.info["num_frames"])
         latent_shape = list(self.info["latent_shape"])
         if task in ("t2vm", "t2m"):
             if not prompts:
                 raise ValueError(f"task {task} needs --prompt or --prompts")
             text = self.encode_text(prompts) if text is None else text
-            video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_frames=frames,
-                                   video_shape=[len(prompts), *latent_shape] if task == "t2vm" else None, **opts)
+            request = Request(task, text, motion_frames=frames,
+                              video_shape=[len(prompts), *latent_shape] if task == "t2vm" else None)
             names, captions, given = _unique([_slug(p) for p in prompts]), list(prompts), [None] * len(prompts)
         else:
             if not clips:
@@ -156,16 +154,16 @@ class InferenceContext:
             if task == "m2v":
                 text = self.encode_text([c.caption for c in clips]) if text is None else text
                 motion_cond = torch.stack([self.motion_of(c) for c in clips]).to(self.device)
-                video, motion = sample(self.model, task, text, self.null_text, generator=gen, motion_cond=motion_cond,
-                                       video_shape=[len(clips), *latent_shape], **opts)
+                request = Request(task, text, motion_cond=motion_cond, video_shape=[len(clips), *latent_shape])
             else:
                 missing = [c.clip_id for c in clips if c.video_latent is None]
                 if missing:
                     raise ValueError(f"v2m needs clips with video; {missing} are motion-only")
                 video_cond = torch.stack([c.video_latent.float() for c in clips]).to(self.device)
-                video, motion = sample(self.model, task, None, self.null_text, generator=gen, video_cond=video_cond,
-                                       motion_frames=frames, **opts)
+                request = Request(task, video_cond=video_cond, motion_frames=frames)
             names, captions, given = _unique([c.clip_id for c in clips]), [c.caption for c in clips], list(clips)
+        generator = torch.Generator().manual_seed(seed)
+        video, motion = sample(self.model, request, self.null_text, settings, generator=generator)
         out = []
         for i, name in enumerate(names):
             g = given[i]

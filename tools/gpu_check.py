@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from echomotion.config import DiffusionConfig, ModelConfig, ParallelConfig, model_preset  # noqa: E402
+from echomotion.config import DiffusionConfig, ModelConfig, ParallelConfig, SampleConfig, model_preset  # noqa: E402
 from echomotion.diffusion.tasks import TrainingBatch, training_loss  # noqa: E402
 from echomotion.metrics import peak_flops_per_device  # noqa: E402
 from echomotion.models import EchoMotionDiT  # noqa: E402
@@ -304,7 +304,7 @@ def attention_row(name: str, shape: tuple[int, int, int], attention: str, run: R
 def sampling_section(run: Run) -> dict[str, Any]:
     """Each task sampled for 4 steps by the tiny model on the device and on the CPU (fp32 both, same noise): the outputs
     must agree (relative L2 difference; TF32 convolutions on a GPU give ~1e-3)."""
-    from echomotion.diffusion.sampler import sample
+    from echomotion.diffusion.sampler import Request, sample
 
     m = model_preset("tiny")
     torch.manual_seed(0)
@@ -324,8 +324,8 @@ def sampling_section(run: Run) -> dict[str, Any]:
             model = copy.deepcopy(base).to(device)
             moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
             with torch.no_grad():
-                got = sample(model, task, null_text=torch.zeros(m.text_len, m.text_dim, device=device), steps=4,
-                             generator=torch.Generator().manual_seed(7), **moved)
+                got = sample(model, Request(task, **moved), torch.zeros(m.text_len, m.text_dim, device=device),
+                             SampleConfig(steps=4), generator=torch.Generator().manual_seed(7))
             outs.append([None if t is None else t.float().cpu() for t in got])
         diffs = [float((b - a).norm() / a.norm()) for a, b in zip(*outs) if a is not None]
         result[task] = {"rel_l2_diff": max(diffs), "passed": max(diffs) < 1e-2 and all(math.isfinite(d) for d in diffs)}

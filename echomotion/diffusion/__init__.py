@@ -9,12 +9,13 @@ from .flow import (
     to_timestep,
     velocity_target,
 )
-from .sampler import guided_velocity, integrate, sample
+from .sampler import Request, guided_velocity, integrate, sample
 from .tasks import ModelInputs, TrainingBatch, build_inputs, null_text_like, training_loss
 
 __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "ModelInputs",
+    "Request",
     "TrainingBatch",
     "add_noise",
     "build_inputs",

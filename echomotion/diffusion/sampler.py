@@ -1,7 +1,7 @@
 """Sampling: ODE solvers (Euler, Heun) over Wan's flow and the paper's classifier-free guidance, Eq. 4-6.
 
 Tasks and their guided velocities (u = the model, y = text, the null set = a dropped condition, omega1 = `text_guidance`,
-omega2 = `condition_guidance`):
+omega2 = `condition_guidance`, both fields of `SampleConfig`):
 - "t2vm" (Eq. 4): o^v, o^m = u(x_t, m_t, null) + omega1 * (u(x_t, m_t, y) - u(x_t, m_t, null)); task hint JOINT.
 - "t2m" (Eq. 4 without video, Phase 1's mode): o^m = u(m_t, null) + omega1 * (u(m_t, y) - u(m_t, null)); task hint T2M.
 - "m2v" (Eq. 5): o^v = u(x_t, null, null) + omega1 * (u(x_t, m, y) - u(x_t, m, null))
@@ -17,7 +17,8 @@ Noise levels follow `flow.sampling_sigmas`; an ODE step from sigma to sigma_next
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, ContextManager, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from ..config import SampleConfig
 from ..models.echomotion import Prediction, Task
 from ..motion.smpl import MOTION_FEATURE_DIM
-from .flow import NUM_TRAIN_TIMESTEPS, sampling_sigmas, to_timestep
+from .flow import sampling_sigmas, to_timestep
 from .tasks import null_text_like
 
 TASKS = {"t2vm": Task.JOINT, "t2m": Task.T2M, "m2v": Task.M2V, "v2m": Task.V2M}
@@ -99,65 +100,101 @@ def check_motion_length(model: nn.Module, latent_frames: int, motion_frames: int
     )
 
 
-def guided_velocity(
-    model: nn.Module,
-    task: str,
-    video: Optional[Tensor],
-    motion: Optional[Tensor],
-    sigma: float,
-    text: Optional[Tensor],
-    null_text: Tensor,
-    *,
-    motion_mask: Optional[Tensor] = None,
-    text_guidance: float = SampleConfig.text_guidance,
-    condition_guidance: float = SampleConfig.condition_guidance,
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-) -> Prediction:
-    """The guided velocity of one step (Eq. 4-6), from one batched model call over the guidance passes.
+@dataclass
+class Request:
+    """What one sampling run is given: the task, its conditions and the shapes to generate (`checked` validates them).
 
-    `video` / `motion` are what the model sees: the noisy state at `sigma` for generated modalities, the clean data for the
-    condition (video None for "t2m"). `motion_mask` [B, F] marks real motion frames (None = all real). Inputs are cast to
-    the weights' dtype, and non-fp32 weights run under autocast at that dtype. Returns Prediction with the velocity of
-    each generated modality and None for the others.
+    Per task: "t2vm" needs text, video_shape [B, C, F, H, W] and motion_frames; "t2m" text and motion_frames; "m2v" text,
+    motion_cond [B, F, 235] and video_shape; "v2m" video_cond [B, C, F, H, W] and motion_frames (text is ignored: V2M is
+    never text-conditioned). `motion_mask` [B, F] marks real motion frames (of the condition, or of the generated motion;
+    frames outside it are hidden and come back as unconstrained values to trim). With both modalities (t2vm, m2v, v2m)
+    the motion must span the video: ratio * (latent frames / patch_size[0] - 1) + 1 frames (9 for 3 latent frames with
+    Wan's 4x VAE; see `check_motion_length`).
     """
-    hint = _check_task(task)
-    if motion is None:
-        raise ValueError(f"task {task!r} needs motion: the noisy motion state, or the clean motion condition for 'm2v'")
-    if task != "t2m" and video is None:
-        raise ValueError(f"task {task!r} needs video: the noisy video state, or the clean video condition for 'v2m'")
-    if task != "v2m" and text is None:
-        raise ValueError(f"task {task!r} needs text embeddings [B, L, D]; only 'v2m' runs without text")
+
+    task: str
+    text: Optional[Tensor] = None  # [B, L, D] embeddings; not used by "v2m"
+    video_shape: Optional[Sequence[int]] = None  # latent shape [B, C, F, H, W] to generate (t2vm, m2v)
+    motion_frames: Optional[int] = None  # motion frames to generate (t2vm, t2m, v2m); m2v's come from motion_cond
+    video_cond: Optional[Tensor] = None  # clean video latents [B, C, F, H, W] (v2m)
+    motion_cond: Optional[Tensor] = None  # clean normalized motion [B, F, 235] (m2v)
+    motion_mask: Optional[Tensor] = None  # [B, F] real motion frames; None = all real
+
+    @property
+    def _reference(self) -> Tensor:
+        """The input that fixes batch size and device: v2m's video condition, every other task's text."""
+        return self.video_cond if self.task == "v2m" else self.text
+
+    @property
+    def batch_size(self) -> int:
+        return self._reference.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._reference.device
+
+    def checked(self, model: nn.Module) -> "Request":
+        """This request with m2v's motion_frames taken from motion_cond; a ValueError names what is missing or
+        inconsistent, and `check_motion_length` checks the motion spans the video for `model`."""
+        task = self.task
+        _check_task(task)
+        if task == "v2m" and self.video_cond is None:
+            raise ValueError("task 'v2m' needs video_cond, the clean video latents [B, C, F, H, W]")
+        if task != "v2m" and self.text is None:
+            raise ValueError(f"task {task!r} needs text embeddings [B, L, D] (and null_text for guidance)")
+        b, frames = self.batch_size, self.motion_frames
+        if task == "m2v":
+            if self.motion_cond is None:
+                raise ValueError("task 'm2v' needs motion_cond, the clean normalized motion [B, F, 235]")
+            cond_frames = self.motion_cond.shape[1]
+            if frames is not None and frames != cond_frames:
+                raise ValueError(f"motion_frames={frames} but motion_cond has {cond_frames} frames; drop one")
+            frames = cond_frames
+        if "motion" in GENERATED[task] and frames is None:
+            raise ValueError(f"task {task!r} generates motion: pass motion_frames (one motion frame per video frame)")
+        shape = self.video_shape
+        if "video" in GENERATED[task] and (shape is None or len(shape) != 5 or shape[0] != b):
+            raise ValueError(f"task {task!r} generates video: pass video_shape as [B={b}, C, F, H, W] (latent shape)")
+        for name, given, owner in (("video_cond", self.video_cond, "v2m"), ("motion_cond", self.motion_cond, "m2v")):
+            if given is not None and task != owner:
+                raise ValueError(f"{name} is only used by task {owner}, not {task!r}")
+        if self.motion_mask is not None and self.motion_mask.shape != (b, frames):
+            raise ValueError(f"motion_mask has shape {tuple(self.motion_mask.shape)}; expected [{b}, {frames}]")
+        if task == "v2m" and self.video_cond.dim() != 5:
+            raise ValueError(f"video_cond has shape {tuple(self.video_cond.shape)}; expected latents [B, C, F, H, W]")
+        if task != "t2m":
+            check_motion_length(model, self.video_cond.shape[2] if task == "v2m" else shape[2], frames)
+        return replace(self, motion_frames=frames)
+
+
+class _Passes(NamedTuple):
+    """The guidance passes of one step, stacked along the batch in one model call: per pass its text and motion mask,
+    and for v2m the video mask (its unconditional pass hides the video)."""
+
+    texts: list[Tensor]
+    motion_masks: list[Tensor]
+    video_masks: Optional[list[Tensor]]
+
+
+def _guidance_passes(request: Request, null_text: Tensor, motion: Tensor) -> _Passes:
+    """Eq. 4-6's passes (condition, text): t2vm / t2m [y; null], m2v [(m, y); (m, null); (null, null)], v2m
+    [(x, null); (null, null)]."""
+    task, text = request.task, request.text
     b, device = motion.shape[0], motion.device
-    weight = next(model.parameters())
-    dtype = weight.dtype
     null = _null_batch(null_text, b, device) if task == "v2m" else null_text_like(null_text, text)
-    real = torch.ones(motion.shape[:2], dtype=torch.bool, device=device) if motion_mask is None else motion_mask.bool()
-    no_motion = torch.zeros_like(real)
+    mask = request.motion_mask
+    real = torch.ones(motion.shape[:2], dtype=torch.bool, device=device) if mask is None else mask.bool()
+    if task in ("t2vm", "t2m"):
+        return _Passes([text, null], [real, real], None)
+    if task == "m2v":
+        return _Passes([text, null, null], [real, real, torch.zeros_like(real)], None)
+    seen = torch.ones(b, dtype=torch.bool, device=device)
+    return _Passes([null, null], [real, real], [seen, torch.zeros_like(seen)])
 
-    video_masks: Optional[list[Tensor]] = None
-    if task == "t2vm" or task == "t2m":
-        texts, motion_masks = [text, null], [real, real]
-    elif task == "m2v":
-        texts, motion_masks = [text, null, null], [real, real, no_motion]
-    else:  # v2m: [(x, m_t, null); (null video, m_t, null)]
-        texts, motion_masks = [null, null], [real, real]
-        video_masks = [torch.ones(b, dtype=torch.bool, device=device), torch.zeros(b, dtype=torch.bool, device=device)]
-    n = len(texts)
 
-    noisy = to_timestep(torch.full((n * b,), float(sigma), device=device), num_train_timesteps)
-    clean = torch.zeros_like(noisy)
-    with _weights_autocast(weight):
-        out = model(
-            video=_repeat(video, n).to(dtype) if video is not None else None,
-            video_timestep=(clean if task == "v2m" else noisy) if video is not None else None,
-            video_mask=torch.cat(video_masks) if video_masks is not None else None,
-            motion=_repeat(motion, n).to(dtype),
-            motion_timestep=clean if task == "m2v" else noisy,
-            motion_mask=None if motion_mask is None and task != "m2v" else torch.cat(motion_masks),
-            text=torch.cat(texts).to(dtype),
-            task=torch.full((n * b,), int(hint), dtype=torch.long, device=device),
-        )
-    w1, w2 = text_guidance, condition_guidance
+def _combine(task: str, out: Prediction, b: int, cfg: SampleConfig) -> Prediction:
+    """The guided velocity from the passes' outputs (each [n * b, ...], passes in `_guidance_passes` order)."""
+    w1, w2 = cfg.text_guidance, cfg.condition_guidance
 
     def text_cfg(u: tuple[Tensor, ...]) -> Tensor:  # Eq. 4: passes [(.., y); (.., null)]
         return u[1] + w1 * (u[0] - u[1])
@@ -169,6 +206,50 @@ def guided_velocity(
         return Prediction(u[2] + w1 * (u[0] - u[1]) + w2 * (u[1] - u[2]), None)  # Eq. 5
     u = out.motion.split(b)
     return Prediction(None, u[1] + w2 * (u[0] - u[1]))  # Eq. 6
+
+
+def guided_velocity(
+    model: nn.Module,
+    request: Request,
+    video: Optional[Tensor],
+    motion: Optional[Tensor],
+    sigma: float,
+    null_text: Tensor,
+    cfg: Optional[SampleConfig] = None,
+) -> Prediction:
+    """The guided velocity of one step (Eq. 4-6), from one batched model call over the guidance passes.
+
+    `video` / `motion` are what the model sees: the noisy state at `sigma` for generated modalities, the clean data for
+    the condition (video None for "t2m"). From `request` it reads the task, text and motion_mask; from `cfg` (default
+    SampleConfig()) the guidance weights. Inputs are cast to the weights' dtype, and non-fp32 weights run under autocast
+    at that dtype. Returns Prediction with the velocity of each generated modality and None for the others.
+    """
+    task = request.task
+    hint = _check_task(task)
+    if motion is None:
+        raise ValueError(f"task {task!r} needs motion: the noisy motion state, or the clean motion condition for 'm2v'")
+    if task != "t2m" and video is None:
+        raise ValueError(f"task {task!r} needs video: the noisy video state, or the clean video condition for 'v2m'")
+    if task != "v2m" and request.text is None:
+        raise ValueError(f"task {task!r} needs text embeddings [B, L, D]; only 'v2m' runs without text")
+    passes = _guidance_passes(request, null_text, motion)
+    b, device, n = motion.shape[0], motion.device, len(passes.texts)
+    weight = next(model.parameters())
+    dtype = weight.dtype
+    noisy = to_timestep(torch.full((n * b,), float(sigma), device=device))
+    clean = torch.zeros_like(noisy)
+    with _weights_autocast(weight):
+        out = model(
+            video=_repeat(video, n).to(dtype) if video is not None else None,
+            video_timestep=(clean if task == "v2m" else noisy) if video is not None else None,
+            video_mask=torch.cat(passes.video_masks) if passes.video_masks is not None else None,
+            motion=_repeat(motion, n).to(dtype),
+            motion_timestep=clean if task == "m2v" else noisy,
+            motion_mask=None if request.motion_mask is None and task != "m2v" else torch.cat(passes.motion_masks),
+            text=torch.cat(passes.texts).to(dtype),
+            task=torch.full((n * b,), int(hint), dtype=torch.long, device=device),
+        )
+    return _combine(task, out, b, cfg if cfg is not None else SampleConfig())
 
 
 def integrate(
@@ -206,96 +287,46 @@ def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: t
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
 
+def _initial_noise(request: Request, generator: Optional[torch.Generator]) -> list[Tensor]:
+    """Noise for the generated modalities, drawn in float32 from `generator`: video before motion."""
+    generated, b, device = GENERATED[request.task], request.batch_size, request.device
+    state: list[Tensor] = []
+    if "video" in generated:
+        state.append(_randn(request.video_shape, generator, device))
+    if "motion" in generated:
+        state.append(_randn((b, request.motion_frames, MOTION_FEATURE_DIM), generator, device))
+    return state
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
-    task: str,
-    text: Optional[Tensor],
+    request: Request,
     null_text: Tensor,
+    cfg: Optional[SampleConfig] = None,
     *,
-    video_shape: Optional[Sequence[int]] = None,
-    motion_frames: Optional[int] = None,
-    video_cond: Optional[Tensor] = None,
-    motion_cond: Optional[Tensor] = None,
-    motion_mask: Optional[Tensor] = None,
-    steps: int = SampleConfig.steps,
-    shift: float = SampleConfig.shift,
-    solver: str = SampleConfig.solver,
-    text_guidance: float = SampleConfig.text_guidance,
-    condition_guidance: float = SampleConfig.condition_guidance,
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Generate with guidance; returns (video latents or None, motion features or None): only generated modalities.
 
-    Per task: "t2vm" needs text, video_shape [B, C, F, H, W] and motion_frames; "t2m" text and motion_frames; "m2v" text,
-    motion_cond [B, F, 235] and video_shape; "v2m" video_cond [B, C, F, H, W] and motion_frames (text is ignored: V2M is
-    never text-conditioned). `motion_mask` [B, F] marks real motion frames (of the condition, or of the generated motion;
-    frames outside it are hidden and come back as unconstrained values to trim). With both modalities (t2vm, m2v, v2m)
-    the motion must span the video: ratio * (latent frames / patch_size[0] - 1) + 1 frames (9 for 3 latent frames with
-    Wan's 4x VAE; see `check_motion_length`). The state is integrated in float32; model inputs are cast to the model's
-    parameter dtype, and bf16/fp16 weights run under torch.autocast at that dtype on the weights' device type (Wan's
-    modulation stays fp32). Noise is drawn from `generator`, video before motion. The model is used as given (put it in
-    eval mode first).
+    `request` holds the task and its inputs (see `Request`, whose `checked` says what each task needs); `cfg` (default
+    SampleConfig(); its seed is not used, pass `generator`) the solver, steps, shift and guidance weights. The state is
+    integrated in float32; model inputs are cast to the model's parameter dtype, and bf16/fp16 weights run under
+    torch.autocast at that dtype on the weights' device type (Wan's modulation stays fp32). Noise is drawn from
+    `generator`, video before motion. The model is used as given (put it in eval mode first).
     """
-    _check_task(task)
-    if task == "v2m":
-        if video_cond is None:
-            raise ValueError("task 'v2m' needs video_cond, the clean video latents [B, C, F, H, W]")
-        ref = video_cond
-    else:
-        if text is None:
-            raise ValueError(f"task {task!r} needs text embeddings [B, L, D] (and null_text for guidance)")
-        ref = text
-    b, device = ref.shape[0], ref.device
-    if task == "m2v":
-        if motion_cond is None:
-            raise ValueError("task 'm2v' needs motion_cond, the clean normalized motion [B, F, 235]")
-        if motion_frames is not None and motion_frames != motion_cond.shape[1]:
-            raise ValueError(f"motion_frames={motion_frames} but motion_cond has {motion_cond.shape[1]} frames; drop one")
-        motion_frames = motion_cond.shape[1]
-    if "motion" in GENERATED[task] and motion_frames is None:
-        raise ValueError(f"task {task!r} generates motion: pass motion_frames (one motion frame per video frame)")
-    if "video" in GENERATED[task]:
-        if video_shape is None or len(video_shape) != 5 or video_shape[0] != b:
-            raise ValueError(f"task {task!r} generates video: pass video_shape as [B={b}, C, F, H, W] (latent shape)")
-    for name, given, allowed in (("video_cond", video_cond, task == "v2m"), ("motion_cond", motion_cond, task == "m2v")):
-        if given is not None and not allowed:
-            raise ValueError(f"{name} is only used by task {'v2m' if name == 'video_cond' else 'm2v'}, not {task!r}")
-    if motion_mask is not None and motion_mask.shape != (b, motion_frames):
-        raise ValueError(f"motion_mask has shape {tuple(motion_mask.shape)}; expected [{b}, {motion_frames}]")
-    if task == "v2m" and video_cond.dim() != 5:
-        raise ValueError(f"video_cond has shape {tuple(video_cond.shape)}; expected latents [B, C, F, H, W]")
-    if task != "t2m":
-        check_motion_length(model, video_cond.shape[2] if task == "v2m" else video_shape[2], motion_frames)
-
-    generated = GENERATED[task]
-    state: list[Tensor] = []
-    if "video" in generated:
-        state.append(_randn(video_shape, generator, device))
-    if "motion" in generated:
-        state.append(_randn((b, motion_frames, MOTION_FEATURE_DIM), generator, device))
-
-    conditions = {name: c.float() for name, c in (("video", video_cond), ("motion", motion_cond)) if c is not None}
+    cfg = cfg if cfg is not None else SampleConfig()
+    request = request.checked(model)
+    generated = GENERATED[request.task]
+    conditions = {name: c.float() for name, c in (("video", request.video_cond), ("motion", request.motion_cond))
+                  if c is not None}
 
     def velocity(x: list[Tensor], sigma: float) -> list[Tensor]:
         current = {**conditions, **dict(zip(generated, x))}
-        video, motion = current.get("video"), current.get("motion")
-        out = guided_velocity(
-            model,
-            task,
-            video,
-            motion,
-            sigma,
-            text,
-            null_text,
-            motion_mask=motion_mask,
-            text_guidance=text_guidance,
-            condition_guidance=condition_guidance,
-            num_train_timesteps=num_train_timesteps,
-        )
+        out = guided_velocity(model, request, current.get("video"), current.get("motion"), sigma, null_text, cfg)
         return [out.video if name == "video" else out.motion for name in generated]
 
-    final = dict(zip(generated, integrate(velocity, state, sampling_sigmas(steps, shift), solver, progress)))
+    state = _initial_noise(request, generator)
+    final = dict(zip(generated, integrate(velocity, state, sampling_sigmas(cfg.steps, cfg.shift), cfg.solver, progress)))
     return final.get("video"), final.get("motion")

@@ -22,9 +22,9 @@ import yaml
 from PIL import Image
 
 from echomotion.checkpoint import CheckpointError, CheckpointManager
-from echomotion.config import ConfigError, load_config, to_yaml
+from echomotion.config import ConfigError, SampleConfig, load_config, to_yaml
 from echomotion.data.synthetic import generate_humove_mini
-from echomotion.diffusion.sampler import sample
+from echomotion.diffusion.sampler import Request, sample
 from echomotion.distributed import DistEnv
 from echomotion.export import ExportError, export_checkpoint, load_exported, save_exported
 from echomotion.metrics import read_metrics
@@ -364,9 +364,9 @@ def test_export_round_trip_and_metrics(humove: Path, tmp_path: Path) -> None:
 
     text = torch.randn(1, 16, 32)
     null = torch.zeros(16, 32)
-    kw = dict(video_shape=[1, 48, 3, 16, 16], motion_frames=9, steps=3, generator=None)
-    a = sample(trainer.model.eval(), "t2vm", text, null, **{**kw, "generator": torch.Generator().manual_seed(5)})
-    b = sample(model, "t2vm", text, null, **{**kw, "generator": torch.Generator().manual_seed(5)})
+    request, cfg = Request("t2vm", text, video_shape=[1, 48, 3, 16, 16], motion_frames=9), SampleConfig(steps=3)
+    a = sample(trainer.model.eval(), request, null, cfg, generator=torch.Generator().manual_seed(5))
+    b = sample(model, request, null, cfg, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
     rec = read_metrics(tmp_path)[-1]

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from echomotion.config import Config, DiffusionConfig, model_preset
+from echomotion.config import Config, DiffusionConfig, SampleConfig, model_preset
 from echomotion.diffusion import (
+    Request,
     TrainingBatch,
     add_noise,
     build_inputs,
@@ -219,6 +220,7 @@ def model() -> EchoMotionDiT:
 
 B, FRAMES, VIDEO = 2, 5, (16, 2, 4, 6)
 W1, W2, SIGMA = 3.5, 1.75, 0.7
+GUIDANCE = SampleConfig(text_guidance=W1, condition_guidance=W2)
 
 
 def _cfg_inputs():
@@ -252,9 +254,7 @@ def test_cfg_t2vm_matches_eq4(model):
     cond, uncond = u(text), u(null)
     want_v = uncond.video + W1 * (cond.video - uncond.video)
     want_m = uncond.motion + W1 * (cond.motion - uncond.motion)
-    got = guided_velocity(
-        model, "t2vm", x, m, SIGMA, text, null[0], motion_mask=mask, text_guidance=W1, condition_guidance=W2
-    )
+    got = guided_velocity(model, Request("t2vm", text, motion_mask=mask), x, m, SIGMA, null[0], GUIDANCE)
     assert _rel(cond.video, uncond.video) > 1e-3 and _rel(cond.motion, uncond.motion) > 1e-3  # text matters
     assert _rel(got.video, want_v) < 1e-5 and _rel(got.motion, want_m) < 1e-5
 
@@ -265,7 +265,7 @@ def test_cfg_t2m_matches_eq4_without_video(model):
     t, hint = _t(1000 * SIGMA), torch.full((B,), int(Task.T2M))
     cond = model(motion=m, motion_timestep=t, motion_mask=mask, text=text, task=hint).motion
     uncond = model(motion=m, motion_timestep=t, motion_mask=mask, text=null, task=hint).motion
-    got = guided_velocity(model, "t2m", None, m, SIGMA, text, null, motion_mask=mask, text_guidance=W1)
+    got = guided_velocity(model, Request("t2m", text, motion_mask=mask), None, m, SIGMA, null, GUIDANCE)
     assert got.video is None
     assert _rel(cond, uncond) > 1e-3
     assert _rel(got.motion, uncond + W1 * (cond - uncond)) < 1e-5
@@ -283,7 +283,7 @@ def test_cfg_m2v_matches_eq5(model):
     assert _rel(u_masked, u_none) < 1e-5  # a fully masked motion is the same as no motion
     assert _rel(u_my, u_m) > 1e-3 and _rel(u_m, u_none) > 1e-3
     want = u_none + W1 * (u_my - u_m) + W2 * (u_m - u_none)
-    got = guided_velocity(model, "m2v", x, m, SIGMA, text, null, motion_mask=mask, text_guidance=W1, condition_guidance=W2)
+    got = guided_velocity(model, Request("m2v", text, motion_mask=mask), x, m, SIGMA, null, GUIDANCE)
     assert got.motion is None
     assert _rel(got.video, want) < 1e-5
 
@@ -298,11 +298,11 @@ def test_cfg_v2m_matches_eq6(model):
     u_masked = model(video=x, video_timestep=clean, video_mask=torch.zeros(B, dtype=torch.bool), **motion).motion
     assert _rel(u_masked, u_none) < 1e-5  # a masked video is the same as no video (RoPE sees only relative positions)
     assert _rel(u_x, u_none) > 1e-3
-    got = guided_velocity(model, "v2m", x, m, SIGMA, text, null, motion_mask=mask, text_guidance=W1, condition_guidance=W2)
+    got = guided_velocity(model, Request("v2m", text, motion_mask=mask), x, m, SIGMA, null, GUIDANCE)
     assert got.video is None
     assert _rel(got.motion, u_none + W2 * (u_x - u_none)) < 1e-5
     # V2M never reads the text
-    other = guided_velocity(model, "v2m", x, m, SIGMA, None, null, motion_mask=mask, condition_guidance=W2)
+    other = guided_velocity(model, Request("v2m", motion_mask=mask), x, m, SIGMA, null, GUIDANCE)
     torch.testing.assert_close(other.motion, got.motion, rtol=0, atol=0)
 
 
@@ -342,8 +342,8 @@ def test_one_step_is_the_closed_form(model, solver):
     text, null, _, _, _ = _cfg_inputs()
     shape = (B, *VIDEO)
     video, motion = sample(
-        model, "t2vm", text, null, video_shape=shape, motion_frames=FRAMES, steps=1, solver=solver,
-        text_guidance=W1, generator=torch.Generator().manual_seed(9),
+        model, Request("t2vm", text, video_shape=shape, motion_frames=FRAMES), null,
+        SampleConfig(steps=1, solver=solver, text_guidance=W1), generator=torch.Generator().manual_seed(9),
     )
     g = torch.Generator().manual_seed(9)
     nv, nm = torch.randn(shape, generator=g), torch.randn(B, FRAMES, FEATURES, generator=g)
@@ -383,21 +383,22 @@ def test_heun_beats_euler_on_a_linear_ode(shift, steps, gain):
 @torch.no_grad()
 def test_sample_shapes_and_conditions(model):
     text, null, x, m, mask = _cfg_inputs()
-    common = dict(steps=2, solver="heun", generator=torch.Generator().manual_seed(0))
-    v, mo = sample(model, "t2m", text, null, motion_frames=FRAMES, **common)
+    cfg, gen = SampleConfig(steps=2, solver="heun"), torch.Generator().manual_seed(0)
+    v, mo = sample(model, Request("t2m", text, motion_frames=FRAMES), null, cfg, generator=gen)
     assert v is None and mo.shape == (B, FRAMES, FEATURES)
-    v, mo = sample(model, "m2v", text, null, video_shape=x.shape, motion_cond=m, motion_mask=mask, **common)
+    v, mo = sample(model, Request("m2v", text, video_shape=x.shape, motion_cond=m, motion_mask=mask), null, cfg,
+                   generator=gen)
     assert v.shape == x.shape and mo is None and bool(torch.isfinite(v).all())
-    v, mo = sample(model, "v2m", None, null, video_cond=x, motion_frames=FRAMES, **common)
+    v, mo = sample(model, Request("v2m", video_cond=x, motion_frames=FRAMES), null, cfg, generator=gen)
     assert v is None and mo.shape == (B, FRAMES, FEATURES) and bool(torch.isfinite(mo).all())
     with pytest.raises(ValueError, match="needs motion_cond"):
-        sample(model, "m2v", text, null, video_shape=x.shape, **common)
+        sample(model, Request("m2v", text, video_shape=x.shape), null, cfg)
     with pytest.raises(ValueError, match="video_shape"):
-        sample(model, "t2vm", text, null, motion_frames=FRAMES, **common)
+        sample(model, Request("t2vm", text, motion_frames=FRAMES), null, cfg)
     with pytest.raises(ValueError, match="unknown sampling task"):
-        sample(model, "i2v", text, null, **common)
+        sample(model, Request("i2v", text), null, cfg)
     with pytest.raises(ValueError, match="unknown solver"):
-        sample(model, "t2m", text, null, motion_frames=FRAMES, steps=1, solver="rk4")
+        sample(model, Request("t2m", text, motion_frames=FRAMES), null, SampleConfig(steps=1, solver="rk4"))
 
 
 @torch.no_grad()
@@ -408,18 +409,19 @@ def test_sample_needs_motion_spanning_the_video(model, motion_frames):
     text, null, _, _, _ = _cfg_inputs()
     g = torch.Generator().manual_seed(1)
     x, m = torch.randn(B, 16, 3, 4, 6, generator=g), torch.randn(B, motion_frames, FEATURES, generator=g)
-    calls = {
-        "t2vm": lambda: sample(model, "t2vm", text, null, video_shape=x.shape, motion_frames=motion_frames, steps=1),
-        "m2v": lambda: sample(model, "m2v", text, null, video_shape=x.shape, motion_cond=m, steps=1),
-        "v2m": lambda: sample(model, "v2m", None, null, video_cond=x, motion_frames=motion_frames, steps=1),
-    }
-    for task, call in calls.items():
+    one_step = SampleConfig(steps=1)
+    requests = [
+        Request("t2vm", text, video_shape=x.shape, motion_frames=motion_frames),
+        Request("m2v", text, video_shape=x.shape, motion_cond=m),
+        Request("v2m", video_cond=x, motion_frames=motion_frames),
+    ]
+    for request in requests:
         if motion_frames == 9:
-            call()
+            sample(model, request, null, one_step)
         else:
             with pytest.raises(ValueError, match=f"motion has {motion_frames} frames .* needs 9 motion frames"):
-                call()
-    sample(model, "t2m", text, null, motion_frames=motion_frames, steps=1)
+                sample(model, request, null, one_step)
+    sample(model, Request("t2m", text, motion_frames=motion_frames), null, one_step)
 
 
 @pytest.mark.parametrize(
@@ -463,9 +465,10 @@ def test_bf16_export_samples_close_to_fp32(model, tmp_path):
     bf16, _ = load_exported(path, dtype=torch.bfloat16)
     assert next(bf16.parameters()).dtype == torch.bfloat16
     text, null, _, _, _ = _cfg_inputs()
-    kw = dict(video_shape=(B, *VIDEO), motion_frames=FRAMES, steps=4, text_guidance=W1)
-    want = sample(model, "t2vm", text, null, generator=torch.Generator().manual_seed(1), **kw)
-    got = sample(bf16, "t2vm", text, null, generator=torch.Generator().manual_seed(1), **kw)
+    request = Request("t2vm", text, video_shape=(B, *VIDEO), motion_frames=FRAMES)
+    cfg = SampleConfig(steps=4, text_guidance=W1)
+    want = sample(model, request, null, cfg, generator=torch.Generator().manual_seed(1))
+    got = sample(bf16, request, null, cfg, generator=torch.Generator().manual_seed(1))
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and bool(torch.isfinite(g).all())
         assert ((g - w).norm() / w.norm()).item() < 0.05
