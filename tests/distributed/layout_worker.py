@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from echomotion.config import load_config  # noqa: E402
-from echomotion.data.streaming import Batch  # noqa: E402
+from echomotion.data.batch import Batch  # noqa: E402
 from echomotion.distributed import init_distributed, shutdown  # noqa: E402
 from echomotion.train import Trainer  # noqa: E402
 

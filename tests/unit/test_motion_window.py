@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from echomotion.config import DiffusionConfig
-from echomotion.data.streaming import Collate, DataError, Item, crop_motion
+from echomotion.data.batch import Collate
+from echomotion.data.dataset import Item, crop_motion
+from echomotion.data.errors import DataError
 from echomotion.diffusion import TrainingBatch, training_loss
 from echomotion.models.echomotion import Prediction
 from tests.unit.test_diffusion import _tiny_model
