@@ -428,6 +428,11 @@ def data_sources(d: DataConfig) -> list[SourceConfig]:
     return [SourceConfig(path=p, kind=k, weight=w) for (p, k), w in zip(paths, weights) if p is not None]
 
 
+def s3_paths(d: DataConfig) -> list[str]:
+    """The sources read from an object store (a launcher passes the store's settings through to such a job)."""
+    return [s.path for s in data_sources(d) if s.path is not None and s.path.startswith("s3://")]
+
+
 def source_key(d: DataConfig, index: int) -> str:
     """How messages name a source: the config key a user would edit."""
     if d.sources:

@@ -19,7 +19,7 @@ from echomotion.data.dataset import Item
 from echomotion.data.errors import DataError, ShardCorruptError, ShardFetchError
 from echomotion.data.loader import build_dataloader
 from echomotion.data.transport import is_transient, with_retries
-from echomotion.motion.smpl import MotionStats, SMPLMotion
+from echomotion.motion.smpl import MOTION_FEATURE_DIM, MotionStats, SMPLMotion
 from tests.s3_server import S3Server, s3_client
 from tests.tiny_shards import write_tiny_shards
 
@@ -41,7 +41,7 @@ def item(clip: str, frames: int, text_tokens: int, video_shape=(4, 2, 3, 3)) -> 
         clip_id=clip,
         caption=clip,
         video=None if video_shape is None else torch.randn(video_shape),
-        motion=torch.randn(frames, 235),
+        motion=torch.randn(frames, MOTION_FEATURE_DIM),
         text=torch.randn(text_tokens, 8),
     )
 
@@ -53,7 +53,7 @@ def test_collate_pads_motion_for_sp_and_text_to_the_longest_prompt() -> None:
     items = [item("a", 5, 3), item("b", 9, 6)]
     batch = Collate(text_len=4, sp_multiple=4)(items)
     assert batch.video is not None and batch.video.shape == (2, 4, 2, 3, 3)
-    assert batch.motion.shape == (2, 12, 235)  # longest clip 9 -> 12: 12 * 51 tokens is a multiple of 4
+    assert batch.motion.shape == (2, 12, MOTION_FEATURE_DIM)  # longest clip 9 -> 12: 12 * 51 tokens is a multiple of 4
     assert batch.motion_mask.sum(1).tolist() == [5, 9]
     assert torch.equal(batch.motion[1, :9], items[1].motion) and not batch.motion[0, 5:].any()
     assert batch.text.shape == (2, 4, 8) and batch.text_lengths.tolist() == [3, 4]
