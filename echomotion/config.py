@@ -459,7 +459,8 @@ def _source_problems(d: DataConfig) -> list[str]:
     """The mixture: shorthand or list (not both), kinds, weights, and paths."""
     if d.sources and (d.path is not None or d.motion_only_path is not None or d.proportions is not None):
         return ["data.sources is given together with data.path / data.motion_only_path / data.proportions, their "
-                "shorthand: list every stream in data.sources (kind: paired | motion_only) and drop the shorthand keys"]
+                "shorthand: list every stream in data.sources (kind: paired | motion_only) and drop the shorthand keys "
+                "(data.path=null on the command line when the config file sets it)"]
     if d.proportions is not None and (d.path is None or d.motion_only_path is None):
         return ["data.proportions weighs the two shorthand streams [data.path, data.motion_only_path]: set both, or "
                 "drop data.proportions (or list the streams with weights in data.sources)"]

@@ -25,6 +25,7 @@ from ..motion.smpl import MotionStats
 from .batch import Batch, Collate
 from .dataset import HuMoVeStreamingDataset
 from .errors import DataError
+from .shards import is_remote
 from .transport import RetryingStream, download
 
 STATS_FILENAME = "motion_stats.json"
@@ -42,10 +43,6 @@ class HuMoVeDataLoader(StreamingDataLoader):
         return len(batch) if isinstance(batch, Batch) else super()._get_batch_size(batch)
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def load_motion_stats(d: DataConfig) -> MotionStats:
     """The motion normalization stats: `data.stats_path`, else motion_stats.json in `assets_root` (the first paired
     source's folder)."""
@@ -54,7 +51,7 @@ def load_motion_stats(d: DataConfig) -> MotionStats:
         raise DataError("no data source is set, so there are no motion stats to load; set data.path (or data.sources) "
                         "or data.stats_path")
     src = d.stats_path or f"{root}/{STATS_FILENAME}"
-    if not _is_remote(src):
+    if not is_remote(src):
         if not os.path.exists(src):
             raise DataError(f"motion stats {src} not found: the dataset tools write it; or set data.stats_path")
         return MotionStats.load(src)
@@ -95,7 +92,7 @@ def cache_folder(cache: str, kind: str, remote: str) -> str:
 def _cache_root(d: DataConfig, sources: list[SourceConfig], cache_dir: Optional[str | Path]) -> Optional[str]:
     """Where remote sources are cached (data.cache_dir, else the caller's folder); checks the cache settings."""
     cache = d.cache_dir or (str(cache_dir) if cache_dir is not None else None)
-    remote = [_is_remote(s.path) for s in sources]  # type: ignore[arg-type]
+    remote = [is_remote(s.path) for s in sources]  # type: ignore[arg-type]
     if any(remote) and cache is None:
         raise DataError("a data source is remote but no cache folder is given; set data.cache_dir")
     if d.cache_limit is not None and not all(remote):
@@ -109,7 +106,7 @@ def _cache_root(d: DataConfig, sources: list[SourceConfig], cache_dir: Optional[
 def _stream(d: DataConfig, source: SourceConfig, cache: Optional[str]) -> RetryingStream:
     """A remote source is cached per URL; a local one is read in place."""
     path: str = source.path  # type: ignore[assignment]
-    remote = _is_remote(path)
+    remote = is_remote(path)
     return RetryingStream(
         remote=path if remote else None,
         local=cache_folder(cache, source.kind, path) if remote else path,  # type: ignore[arg-type]

@@ -194,7 +194,7 @@ def test_streamed_clips_are_cropped_the_same_way_every_time(prepared: Path) -> N
 def test_phase1_trains_on_the_prepared_motion(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = load_config(REPO / "configs/tiny.yaml", [
-        f"data.motion_only_path={prepared}", f"data.stats_path={prepared / 'motion_stats.json'}",
+        "data.path=null", f"data.motion_only_path={prepared}", f"data.stats_path={prepared / 'motion_stats.json'}",
         f"data.null_text_path={prepared / 'null_text.pt'}", "data.batch_size=2", "data.num_workers=0",
         "data.motion_frames=24", "data.clean_stale_shm=false",
         "model.num_layers=1", "train.progress=false", f"train.run_dir={run}", "train.phase=1", "train.steps=3",
