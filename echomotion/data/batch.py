@@ -73,34 +73,55 @@ class Collate:
     def __call__(self, items: list[Item]) -> Batch:
         if not items:
             raise ValueError("collate got an empty batch")
+        video = self._video(items)
+        motion, motion_mask = self._motion(items, paired=video is not None)
+        text, lengths = self._text(items)
+        return Batch(
+            video=video,
+            motion=motion,
+            motion_mask=motion_mask,
+            text=text,
+            text_lengths=lengths,
+            has_video=torch.full((len(items),), video is not None),
+            clip_ids=[it.clip_id for it in items],
+            captions=[it.caption for it in items],
+        )
+
+    def _video(self, items: list[Item]) -> Optional[torch.Tensor]:
+        """The stacked latents of a paired batch, None for a motion-only one; a batch holds one kind and one shape."""
         has_video = [it.video is not None for it in items]
         if any(has_video) and not all(has_video):
             raise DataError(
                 f"batch mixes paired and motion-only samples ({_ids(items)}): a source must hold one kind; list "
                 "motion-only samples as their own source (kind: motion_only)"
             )
-        video = None
-        if all(has_video):
-            shapes = {tuple(it.video.shape) for it in items}  # type: ignore[union-attr]
-            if len(shapes) > 1:
-                raise DataError(
-                    f"batch mixes latent shapes {sorted(shapes)} ({_ids(items)}): each stream must hold one latent shape "
-                    "(write one source per resolution / duration bucket)"
-                )
-            video = torch.stack([it.video for it in items])  # type: ignore[misc]
+        if not all(has_video):
+            return None
+        shapes = {tuple(it.video.shape) for it in items}  # type: ignore[union-attr]
+        if len(shapes) > 1:
+            raise DataError(
+                f"batch mixes latent shapes {sorted(shapes)} ({_ids(items)}): each stream must hold one latent shape "
+                "(write one source per resolution / duration bucket)"
+            )
+        return torch.stack([it.video for it in items])  # type: ignore[misc]
 
+    def _motion(self, items: list[Item], paired: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Motion zero-padded to the longest clip (motion-only batches: to data.motion_frames) and the sp multiple."""
         most = max(it.motion.shape[0] for it in items)
-        if self.motion_frames is not None and video is None and most > self.motion_frames:
+        if self.motion_frames is not None and not paired and most > self.motion_frames:
             raise DataError(f"a motion-only clip has {most} frames, more than data.motion_frames={self.motion_frames}: "
                             "the dataset crops them (build it with motion_frames, as build_dataloader does)")
-        frames = most if self.motion_frames is None or video is not None else self.motion_frames
+        frames = most if self.motion_frames is None or paired else self.motion_frames
         frames = -(-frames // self.frame_step) * self.frame_step
         motion = torch.zeros(len(items), frames, MOTION_FEATURE_DIM)
         motion_mask = torch.zeros(len(items), frames, dtype=torch.bool)
         for i, it in enumerate(items):
             motion[i, : it.motion.shape[0]] = it.motion
             motion_mask[i, : it.motion.shape[0]] = True
+        return motion, motion_mask
 
+    def _text(self, items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text zero-padded to the batch's longest prompt, cut at text_len, and the true lengths."""
         text_dims = {it.text.shape[1] for it in items}
         if len(text_dims) > 1:
             raise DataError(f"batch mixes text embedding widths {sorted(text_dims)} ({_ids(items)})")
@@ -110,18 +131,7 @@ class Collate:
             self._warned_truncation = True
         length = min(longest, self.text_len)
         text = torch.stack([pad_text(it.text, length) for it in items])
-        lengths = torch.tensor([min(it.text.shape[0], length) for it in items], dtype=torch.long)
-
-        return Batch(
-            video=video,
-            motion=motion,
-            motion_mask=motion_mask,
-            text=text,
-            text_lengths=lengths,
-            has_video=torch.tensor(has_video),
-            clip_ids=[it.clip_id for it in items],
-            captions=[it.caption for it in items],
-        )
+        return text, torch.tensor([min(it.text.shape[0], length) for it in items], dtype=torch.long)
 
 
 def _ids(items: list[Item]) -> str:
