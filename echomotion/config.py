@@ -95,16 +95,31 @@ class SampleConfig:
     seed: int = 0
 
 
+SOURCE_KINDS = ("paired", "motion_only")
+
+
+@dataclass
+class SourceConfig:
+    """One MDS stream of the training mixture (docs/data.md, "Sources"). A paired source holds one latent shape (one
+    resolution / duration bucket); batches never mix sources, so a batch never mixes shapes or kinds."""
+
+    path: Optional[str] = None  # a local folder or s3://bucket/prefix holding index.json
+    kind: str = "paired"  # "paired" (video + motion) | "motion_only" (has_video = 0); each sample is checked against it
+    weight: Optional[float] = None  # relative share of an epoch's samples; None on every source = each sample once
+
+
 @dataclass
 class DataConfig:
-    """HuMoVe MDS shards streamed with mosaicml-streaming (echomotion/data/streaming.py; docs/data.md).
+    """HuMoVe MDS shards streamed with mosaicml-streaming (echomotion/data/loader.py; docs/data.md).
 
-    Each stream holds one latent shape (one shape bucket); batches never mix streams, so every batch has one shape.
+    The mixture is `sources`, or its shorthand `path` (paired) + `motion_only_path` + `proportions` (`data_sources`
+    expands it). Batches never mix sources, so every batch has one latent shape.
     """
 
-    path: Optional[str] = None  # the main (paired) stream: a local folder or s3://bucket/prefix holding index.json
-    motion_only_path: Optional[str] = None  # optional second stream of motion-only samples (has_video = 0)
-    proportions: Optional[list[float]] = None  # [main, motion_only] sampling weights; None = every sample once an epoch
+    sources: list[SourceConfig] = field(default_factory=list)  # the mixture; empty = the shorthand below
+    path: Optional[str] = None  # shorthand: the paired source, a local folder or s3://bucket/prefix holding index.json
+    motion_only_path: Optional[str] = None  # shorthand: a motion-only source (has_video = 0)
+    proportions: Optional[list[float]] = None  # shorthand: [path, motion_only_path] weights; None = each sample once
     epoch_size: Optional[int] = None  # samples per epoch over all streams; None = the streams' natural size
     cache_dir: Optional[str] = None  # local shard cache, unique per run; None = the run's own (train passes run_dir)
     cache_limit: Optional[str] = None  # e.g. "200gb": evict the coldest shards beyond this; None = keep everything
@@ -127,8 +142,10 @@ class DataConfig:
     # epoch and sample id, so resume is exact), shorter ones padded with masked frames; None = pad to the batch's longest.
     motion_frames: Optional[int] = None
     sp_multiple: int = 1  # pad motion so its token count (frames x 51) is a multiple of this (the sequence-parallel size)
-    null_text_path: Optional[str] = None  # the empty prompt's embedding [L, text_dim]; None = <path>/null_text.pt
-    stats_path: Optional[str] = None  # motion normalization stats; None = <path>/motion_stats.json
+    # The empty prompt's embedding [L, text_dim] and the motion normalization stats; None = null_text.pt /
+    # motion_stats.json in the first paired source's folder (the first source's if none is paired): `assets_root`
+    null_text_path: Optional[str] = None
+    stats_path: Optional[str] = None
     clean_stale_shm: bool = True  # unlink streaming's leftover shared memory at start (one job per node)
 
 
@@ -404,15 +421,79 @@ _SHUFFLE_ALGOS = ("py1e", "py1br", "py1s", "py2s", "naive")
 _BYTES = re.compile(r"^\d+(\.\d+)?\s*(b|kb|mb|gb|tb|pb)$", re.IGNORECASE)
 
 
-def _data_problems(d: DataConfig) -> list[str]:
+def data_sources(d: DataConfig) -> list[SourceConfig]:
+    """The mixture: `data.sources`, or the one expansion of the shorthand (`data.path` paired, then
+    `data.motion_only_path` motion-only, weighed by `data.proportions`)."""
+    if d.sources:
+        return list(d.sources)
+    paths = [(d.path, "paired"), (d.motion_only_path, "motion_only")]
+    weights = list(d.proportions) if d.proportions is not None else [None, None]
+    return [SourceConfig(path=p, kind=k, weight=w) for (p, k), w in zip(paths, weights) if p is not None]
+
+
+def s3_paths(d: DataConfig) -> list[str]:
+    """The sources read from an object store (a launcher passes the store's settings through to such a job)."""
+    return [s.path for s in data_sources(d) if s.path is not None and s.path.startswith("s3://")]
+
+
+def source_key(d: DataConfig, index: int) -> str:
+    """How messages name a source: the config key a user would edit."""
+    if d.sources:
+        return f"data.sources[{index}]"
+    return "data.path" if d.path is not None and index == 0 else "data.motion_only_path"
+
+
+def assets_source(d: DataConfig) -> Optional[int]:
+    """The index of the source whose folder holds the run's motion_stats.json and null_text.pt unless data.stats_path /
+    data.null_text_path name them (the data tools write both next to index.json): the first paired source, else the
+    first source; None without sources."""
+    kinds = [s.kind for s in data_sources(d)]
+    return kinds.index("paired") if "paired" in kinds else (0 if kinds else None)
+
+
+def assets_root(d: DataConfig) -> Optional[str]:
+    """The folder of `assets_source`, without a trailing slash."""
+    i = assets_source(d)
+    path = None if i is None else data_sources(d)[i].path
+    return None if path is None else path.rstrip("/")
+
+
+def _source_problems(d: DataConfig) -> list[str]:
+    """The mixture: shorthand or list (not both), kinds, weights, and paths."""
+    if d.sources and (d.path is not None or d.motion_only_path is not None or d.proportions is not None):
+        return ["data.sources is given together with data.path / data.motion_only_path / data.proportions, their "
+                "shorthand: list every stream in data.sources (kind: paired | motion_only) and drop the shorthand keys "
+                "(data.path=null on the command line when the config file sets it)"]
+    if d.proportions is not None and (d.path is None or d.motion_only_path is None):
+        return ["data.proportions weighs the two shorthand streams [data.path, data.motion_only_path]: set both, or "
+                "drop data.proportions (or list the streams with weights in data.sources)"]
+    if d.proportions is not None and len(d.proportions) != 2:
+        return [f"data.proportions={list(d.proportions)} must be two weights [data.path, data.motion_only_path]"]
+    sources = data_sources(d)
     problems = []
-    if d.proportions is not None:
-        if d.motion_only_path is None:
-            problems.append("data.proportions weighs the main and motion-only streams; set data.motion_only_path or drop it")
-        if len(d.proportions) != 2 or min(d.proportions) < 0 or sum(d.proportions) <= 0:
-            problems.append(f"data.proportions={list(d.proportions)} must be two non-negative weights [main, motion_only], not both 0")
-    if d.motion_only_path is not None and d.path is None:
-        problems.append("data.motion_only_path is set but data.path (the main stream, which holds motion_stats.json) is not")
+    for i, s in enumerate(sources):
+        key = source_key(d, i)
+        if not s.path:
+            problems.append(f"{key} has no path: give a local folder or s3://bucket/prefix holding index.json")
+        if s.kind not in SOURCE_KINDS:
+            problems.append(f"{key}.kind={s.kind!r}: choose 'paired' (video + motion) or 'motion_only'")
+        if s.weight is not None and s.weight < 0:
+            problems.append(f"{key}.weight={s.weight} is negative: weights are relative shares of an epoch, >= 0")
+    weights = [s.weight for s in sources]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        problems.append("some data sources have a weight and others not: give every source a weight (relative shares "
+                        "of an epoch), or none (every sample once an epoch)")
+    elif weights and all(w == 0 for w in weights):
+        problems.append(f"the data source weights {weights} are all 0: give at least one source a positive weight")
+    paths = [s.path.rstrip("/") for s in sources if s.path]
+    if len(set(paths)) < len(paths):
+        problems.append(f"a data source is listed twice ({sorted(p for p in set(paths) if paths.count(p) > 1)}): "
+                        "list each stream once and set its weight instead")
+    return problems
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    problems = _source_problems(d)
     for key in ("batch_size", "prefetch_factor", "sp_multiple"):
         if getattr(d, key) < 1:
             problems.append(f"data.{key}={getattr(d, key)} must be >= 1")

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import load_model_weights, read_meta
-from .config import Config, config_from_dict, to_yaml
+from .config import Config, assets_root, config_from_dict, to_yaml
 from .data.encoders import PCA_CODEC_FILE, PCACodec, VideoCodec, video_codec_from
 from .files import atomic_write
 from .models import EchoMotionDiT
@@ -81,11 +81,12 @@ class DataAssets:
 
 
 def dataset_folder(cfg: Config) -> Optional[Path]:
-    """The local dataset folder a run trained on: data.path itself or, as the data tools lay it out (data.path =
-    <dataset>/train), its parent; None when neither holds a dataset.json (remote or moved data)."""
-    if cfg.data.path is None or "://" in cfg.data.path:
+    """The local dataset folder a run trained on: its first paired source (`assets_root`) itself or, as the data tools
+    lay it out (data.path = <dataset>/train), its parent; None when neither holds a dataset.json (remote or moved data)."""
+    root = assets_root(cfg.data)
+    if root is None or "://" in root:
         return None
-    return next((p for p in (Path(cfg.data.path), Path(cfg.data.path).parent) if (p / "dataset.json").is_file()), None)
+    return next((p for p in (Path(root), Path(root).parent) if (p / "dataset.json").is_file()), None)
 
 
 def load_checkpoint(checkpoint: str | Path, use_ema: bool = False) -> tuple[EchoMotionDiT, Config, dict]:
@@ -115,7 +116,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: str = "fp3
     if assets is None and (found := dataset_folder(cfg)) is not None:
         assets = DataAssets.from_folder(found)
     if assets is None:
-        warnings.warn(f"no dataset folder at data.path={cfg.data.path}: the export carries no motion stats, null text or "
+        warnings.warn(f"no dataset folder at {assets_root(cfg.data)} (the run's first paired data source): the export carries no motion stats, null text or "
                       "codec, so sampling from it needs --data; pass --data <dataset folder> to export_checkpoint to "
                       "make it self-contained", stacklevel=2)
     return save_exported(model, cfg, out, dtype, extra={"step": str(meta["step"]), "ema": str(use_ema)}, data=assets)

@@ -11,10 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .config import Config, ConfigError, DataConfig, listed
+from .config import Config, ConfigError, DataConfig, assets_root, assets_source, data_sources, listed, source_key
 
 INDEX = "index.json"
-STATS = "motion_stats.json"  # echomotion.data.streaming.STATS_FILENAME (not imported: that pulls in torch and streaming)
+STATS = "motion_stats.json"  # echomotion.data.loader.STATS_FILENAME (not imported: that pulls in torch and streaming)
 NULL_TEXT = "null_text.pt"
 
 
@@ -39,7 +39,8 @@ def _remote_problem(key: str, url: str, d: DataConfig) -> Optional[str]:
     reported now, not after the model is built."""
     from streaming.base.storage import CloudDownloader
 
-    from .data.streaming import DataError, download
+    from .data.errors import DataError
+    from .data.transport import download
 
     downloader = CloudDownloader.get(url)
     try:
@@ -58,28 +59,38 @@ def _problem(key: str, path: str, d: DataConfig) -> Optional[str]:
 
 
 def _data_problems(d: DataConfig) -> list[str]:
-    if d.path is None:
-        return ["data.path is not set: point it at a folder or s3://bucket/prefix holding index.json"]
-    streams = {"data.path": d.path, **({"data.motion_only_path": d.motion_only_path} if d.motion_only_path else {})}
-    problems = [_problem(key, f"{path.rstrip('/')}/{INDEX}", d) for key, path in streams.items()]
-    problems.append(_problem("data.stats_path" if d.stats_path else "data.path (its motion_stats.json)",
-                             d.stats_path or f"{d.path.rstrip('/')}/{STATS}", d))
+    sources = data_sources(d)
+    if not sources:
+        return ["no data source is set: point data.path (or data.sources) at a folder or s3://bucket/prefix holding "
+                "index.json"]
+    problems = [_problem(source_key(d, i), f"{str(s.path).rstrip('/')}/{INDEX}", d) for i, s in enumerate(sources)]
+    problems.append(_problem("data.stats_path" if d.stats_path else f"{_assets_key(d)} (its motion_stats.json)",
+                             d.stats_path or f"{assets_root(d)}/{STATS}", d))
     problems.append(null_text_problem(d))
     return [p for p in problems if p]
 
 
+def _assets_key(d: DataConfig) -> str:
+    """The key naming the source whose folder holds the default motion stats and null text."""
+    return source_key(d, assets_source(d) or 0)
+
+
 def null_text_path(d: DataConfig) -> str:
-    """The empty prompt's embedding: data.null_text_path, else the one the data tools write next to the shards."""
-    return d.null_text_path or f"{str(d.path).rstrip('/')}/{NULL_TEXT}"
+    """The empty prompt's embedding: data.null_text_path, else the one the data tools write next to the shards of the
+    first paired source (config.assets_root)."""
+    return d.null_text_path or f"{assets_root(d)}/{NULL_TEXT}"
 
 
 def null_text_problem(d: DataConfig) -> Optional[str]:
     """It is read with torch.load, so it must be local."""
     if d.null_text_path:
         return _local_problem("data.null_text_path", d.null_text_path)
-    if _remote(str(d.path)):
-        return "data.path is remote: copy its null_text.pt locally and set data.null_text_path"
-    return _local_problem("data.path (its null_text.pt; or set data.null_text_path)", null_text_path(d))
+    root = assets_root(d)
+    if root is None:
+        return "no data source is set, so there is no null_text.pt next to it: set data.null_text_path"
+    if _remote(root):
+        return f"{_assets_key(d)} is remote: copy its null_text.pt locally and set data.null_text_path"
+    return _local_problem(f"{_assets_key(d)} (its null_text.pt; or set data.null_text_path)", null_text_path(d))
 
 
 def _init_problems(cfg: Config) -> list[str]:

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+from streaming.base.util import clean_stale_shared_memory
 from torch.distributed.tensor import DTensor
 
 from parallel import ParallelContext, build_engine, build_parallel, parallelize
@@ -31,9 +32,10 @@ from parallel.fp8 import fp8_autocast
 
 from .checkpoint import (CheckpointManager, SaveResult, TrainState, load_model_weights, rng_state, set_rng_state,
                          superseded_dir)
-from .config import Config, ConfigError, TrainConfig, load_config, to_yaml
+from .config import Config, ConfigError, TrainConfig, data_sources, load_config, to_yaml
+from .data.batch import Batch
 from .data.encoders import pad_text
-from .data.streaming import Batch, build_dataloader
+from .data.loader import build_dataloader
 from .diffusion.tasks import TrainingBatch, keyed_generator, training_loss
 from .distributed import DistEnv, any_rank, first_problem, init_distributed, shutdown
 from .faults import Faults
@@ -157,6 +159,8 @@ class Trainer:
         self.optimizer = self.engine.optimizer
         self.scheduler = self._schedule(step=0)
         self.null_text = load_null_text(cfg).to(env.device)
+        if cfg.data.clean_stale_shm:  # leftovers of killed runs, once a job: later in it they would be our own datasets
+            clean_stale_shared_memory()
         self.dataset, self.loader = build_dataloader(
             cfg, rank=env.rank, world_size=env.world_size, replication=self.par.layout.replication,
             cache_dir=self.run_dir / "data_cache",
@@ -248,13 +252,14 @@ class Trainer:
             # that yields nothing means there is no data.
             empty_passes = 0 if yielded else empty_passes + 1
             if empty_passes == 2:
-                raise TrainingError(f"the data loader yielded nothing: check data.path={self.cfg.data.path} holds samples")
+                paths = [s.path for s in data_sources(self.cfg.data)]
+                raise TrainingError(f"the data loader yielded nothing: check that the data sources {paths} hold samples")
 
     def _micro_step(self, batch: Batch, micro: int, last: bool) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward and backward of one micro-batch; returns this rank's share of the global loss (see training_loss)."""
         t, dev = self.cfg.train, self.env.device
         tb = TrainingBatch(
-            text=batch.text.to(dev, torch.float32),
+            text=pad_text(batch.text.to(dev, torch.float32), self.cfg.text_len),  # collate pads to the batch's longest
             motion=batch.motion.to(dev),
             motion_mask=batch.motion_mask.to(dev),
             video=None if batch.video is None else batch.video.to(dev, torch.float32),
@@ -381,7 +386,7 @@ class Trainer:
             return None
         p = self.cfg.model.patch_size
         video = math.prod(batch.video.shape[2:]) // (p[0] * p[1] * p[2]) if batch.video is not None and self.cfg.train.phase == 2 else 0
-        flops = training_flops(self.cfg.model, video, batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME, batch.text.shape[1])
+        flops = training_flops(self.cfg.model, video, batch.motion.shape[1] * MOTION_TOKENS_PER_FRAME, self.cfg.text_len)
         return flops * samples_per_s / (self.peak * self.env.world_size)
 
     def _across_ranks(self, logs: dict[str, list[float]], compute: float) -> dict[str, Any]:

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from echomotion.config import s3_paths
+
 from .cluster import LOCAL_RDZV_ENDPOINT, Cluster, LaunchError, backend_env, load_cluster, object_store_note
 from .commands import (
     TrainerCall,
@@ -186,7 +188,7 @@ def _local_launch(
     become that command."""
     cfg = call.load(inputs=True)
     lines = [f"# {cluster.nodes} node(s) x {cluster.nproc_per_node} processes ({cluster.accelerator}){where}"]
-    note = object_store_note(cfg.data.path, os.environ)
+    note = object_store_note(s3_paths(cfg.data), os.environ)
     if note:
         lines.append(f"# {note}")
     lines += [shell_exports(env), shell_join(command)]
@@ -207,7 +209,7 @@ def _slurm(args: argparse.Namespace, call: TrainerCall) -> int:
         exclusive=args.exclusive, mem=args.mem, extra=args.sbatch,
     )
     script = slurm_script(cluster, call, backend_env(cluster, c10d=True), job,
-                          remote_data=str(cfg.data.path or "").startswith("s3://"))
+                          remote_data=bool(s3_paths(cfg.data)))
     job.create_log_dir()
     output = args.output or (str(job.log_dir / f"{job.job_name}.sbatch") if args.submit else None)
     _emit(script, output)

@@ -14,7 +14,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -173,13 +173,13 @@ def backend_env(cluster: Cluster, c10d: bool) -> dict[str, str]:
     return env
 
 
-def object_store_note(data_path: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
+def object_store_note(s3_paths: Sequence[str], environ: Mapping[str, str]) -> Optional[str]:
     """One line saying which object-store variables pass through (names only: values never leave the environment)."""
-    if not (data_path or "").startswith("s3://"):
+    if not s3_paths:
         return None
     present = [k for k in OBJECT_STORE_ENV if environ.get(k)]
     missing = [k for k in OBJECT_STORE_ENV if not environ.get(k)]
     return (
-        f"data.path={data_path}: object-store settings pass through from the environment "
+        f"data from {', '.join(s3_paths)}: object-store settings pass through from the environment "
         f"(set: {', '.join(present) or 'none'}; unset: {', '.join(missing) or 'none'})"
     )

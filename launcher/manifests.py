@@ -29,6 +29,7 @@ from typing import Any, Optional
 import yaml
 
 from echomotion import __version__
+from echomotion.config import s3_paths
 
 from .cluster import OBJECT_STORE_ENV, Cluster, LaunchError, backend_env
 from .commands import TrainerCall, torchrun_c10d, torchrun_static
@@ -227,7 +228,7 @@ def _prepare(cluster: Cluster, call: TrainerCall, pod: PodSettings) -> tuple[Clu
                           "--shutdown-timeout instead")
     call = call.with_defaults({**trainer_defaults(pod), "train.termination_grace": grace})
     cfg = call.load()
-    return cluster, call, str(cfg.data.path or "").startswith("s3://")
+    return cluster, call, bool(s3_paths(cfg.data))
 
 
 def render_pytorchjob(cluster: Cluster, call: TrainerCall, pod: PodSettings) -> dict[str, Any]:

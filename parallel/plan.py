@@ -60,7 +60,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from echomotion.config import ModelConfig, dual_layer_indices
-from echomotion.models.motion_tokens import (
+from echomotion.models.echomotion import Task
+from echomotion.models.flops import forward_flops, training_flops
+from echomotion.motion.smpl import (
     MOTION_FEATURE_DIM,
     MOTION_TOKENS_PER_FRAME,
     NUM_POS_TOKENS,
@@ -69,8 +71,6 @@ from echomotion.models.motion_tokens import (
     ROT_DIM,
     SHAPE_DIM,
 )
-from echomotion.models.echomotion import Task
-from echomotion.models.flops import forward_flops, training_flops
 
 from .activation import AC_MODES, checkpointed_blocks
 from .mesh import Layout

@@ -76,3 +76,30 @@ def write_tiny_shards(
         feats = [SMPLMotion(s.betas, s.global_orient, s.body_pose, s.transl, s.joints).to_features() for s in samples]
         MotionStats.compute(feats).save(out / "motion_stats.json")
     return samples
+
+
+# A three-source mixture: two paired buckets of different latent shapes and a motion-only source of varying lengths.
+# name (also the clip id prefix) -> (kind, samples, latent shape, frames)
+MIXTURE: dict[str, tuple[str, int, Optional[tuple[int, ...]], int | list[int]]] = {
+    "big": ("paired", 16, (16, 5, 8, 8), 17),
+    "small": ("paired", 12, (16, 3, 4, 4), 9),
+    "mo": ("motion_only", 12, None, [9 + i % 7 for i in range(12)]),
+}
+
+
+def write_mixture(root: Path) -> None:
+    """The MIXTURE sources as folders root/<name>, each with its motion_stats.json."""
+    for name, (_, num, latent, frames) in MIXTURE.items():
+        write_tiny_shards(root / name, num, prefix=name, latent_shape=latent, frames=frames)
+
+
+def mixture_override(root: Path, weights: Optional[dict[str, float]] = None) -> str:
+    """The data.sources override listing the MIXTURE folders under root (with these weights, if given)."""
+    entries = [f"{{path: {root / name}, kind: {kind}" + (f", weight: {weights[name]}}}" if weights else "}")
+               for name, (kind, *_) in MIXTURE.items()]
+    return f"data.sources=[{', '.join(entries)}]"
+
+
+def mixture_source(clip_id: str) -> str:
+    """The MIXTURE source a clip id comes from."""
+    return next(name for name in MIXTURE if clip_id.startswith(name))

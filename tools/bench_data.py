@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from echomotion.config import load_config  # noqa: E402
 from echomotion.data.schema import COLUMNS, Sample, encode_sample  # noqa: E402
-from echomotion.data.streaming import build_dataloader  # noqa: E402
+from echomotion.data.loader import build_dataloader  # noqa: E402
 from echomotion.models.flops import training_flops  # noqa: E402
 from echomotion.motion.smpl import MOTION_TOKENS_PER_FRAME, MotionStats, SMPLMotion  # noqa: E402
 

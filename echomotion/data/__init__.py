@@ -1,1 +1,1 @@
-"""HuMoVe data: shard schema, HuMoVe-mini, streaming."""
+"""HuMoVe data: shard schema, HuMoVe-mini, preparation tools, and the training loader (transport, dataset, batch, loader)."""

@@ -399,10 +399,11 @@ def text_encoder_from(description: dict[str, Any], path: str | Path | None = Non
 
 
 def pad_text(embedding: torch.Tensor, length: int) -> torch.Tensor:
-    """A true-length text embedding [L, D] -> [length, D], zero-padded or truncated, in its own dtype. Every consumer (the
-    training batches, the null text, sampling, evaluation) pads this one way; Wan leaves the zero padding unmasked."""
-    out = embedding.new_zeros(length, embedding.shape[-1])
-    n = min(length, embedding.shape[0])
-    out[:n] = embedding[:n]
+    """Text embeddings [..., L, D] -> [..., length, D], zero-padded or truncated, in their own dtype and device. Every
+    consumer (the training batches, on the device; the null text, sampling, evaluation) pads this one way; Wan leaves the
+    zero padding unmasked."""
+    out = embedding.new_zeros(*embedding.shape[:-2], length, embedding.shape[-1])
+    n = min(length, embedding.shape[-2])
+    out[..., :n, :] = embedding[..., :n, :]
     return out
 

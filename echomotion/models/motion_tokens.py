@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from ..motion.smpl import (
-    MOTION_FEATURE_DIM,
     MOTION_TOKENS_PER_FRAME,
     NUM_POS_TOKENS,
     NUM_ROT_TOKENS,
@@ -24,10 +23,6 @@ from ..motion.smpl import (
 )
 from .wan import TimeCond, WanLayerNorm, head_modulate
 
-# The model's motion input layout, for code that sizes the model from outside (parallel/plan.py): the feature width per
-# frame, the tokens per frame and their groups.
-__all__ = ["MOTION_FEATURE_DIM", "MOTION_TOKENS_PER_FRAME", "NUM_POS_TOKENS", "NUM_ROT_TOKENS", "NUM_SHAPE_TOKENS",
-           "POS_DIM", "ROT_DIM", "SHAPE_DIM", "MotionEmbed", "MotionHead"]
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:

@@ -5,6 +5,7 @@ and every rank printed its done line ("rank <r> done").
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -79,3 +80,19 @@ def run_torchrun(
             f"torchrun {script} (exit {proc.returncode}): ranks done {sorted(done)} of {nproc}:\n{output[-6000:]}"
         )
     return result
+
+
+STREAM_WORKER = Path(__file__).with_name("stream_worker.py")
+
+
+def run_stream_phases(out: Path, phases: list[dict], nproc: int, **kwargs) -> tuple[dict[str, list[dict]], str]:
+    """Run stream_worker.py with these phases on `nproc` ranks; returns ({phase name: [record of each rank]}, the ranks'
+    output). `kwargs` go to run_torchrun."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"out": str(out), "phases": phases}))
+    result = run_torchrun(STREAM_WORKER, nproc, [str(spec)], **kwargs)
+    records = {
+        p["name"]: [json.loads((out / f"{p['name']}.rank{r}.json").read_text()) for r in range(nproc)] for p in phases
+    }
+    return records, result.output

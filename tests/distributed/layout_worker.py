@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from echomotion.config import load_config  # noqa: E402
-from echomotion.data.streaming import Batch  # noqa: E402
+from echomotion.data.batch import Batch  # noqa: E402
 from echomotion.distributed import init_distributed, shutdown  # noqa: E402
+from echomotion.motion.smpl import MOTION_FEATURE_DIM  # noqa: E402
 from echomotion.train import Trainer  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -37,7 +38,7 @@ def global_batch(step: int, phase: int, cfg) -> Batch:
     motion_mask = torch.arange(MOTION_FRAMES)[None, :] < torch.tensor(REAL_FRAMES)[:, None]
     return Batch(
         video=torch.randn(b, *VIDEO_LATENT, generator=g) if phase == 2 else None,
-        motion=torch.randn(b, MOTION_FRAMES, 235, generator=g) * motion_mask[..., None],
+        motion=torch.randn(b, MOTION_FRAMES, MOTION_FEATURE_DIM, generator=g) * motion_mask[..., None],
         motion_mask=motion_mask,
         text=torch.randn(b, text_len, text_dim, generator=g),
         text_lengths=torch.full((b,), text_len),

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from echomotion.config import load_config
-from echomotion.data.streaming import build_dataloader
+from echomotion.data.loader import build_dataloader
 
 
 def run_phase(phase: dict, out: Path, rank: int, world_size: int) -> None:

@@ -18,6 +18,7 @@ from echomotion.config import load_config
 from echomotion.data.synthetic import generate_humove_mini
 from echomotion.export import save_exported
 from echomotion.models import EchoMotionDiT
+from echomotion.motion.smpl import MOTION_TOKENS_PER_FRAME
 from tests.distributed.launch import ROOT, child_env, run_torchrun
 from tests.distributed.layout_worker import GLOBAL_BATCH, MOTION_FRAMES, VIDEO_LATENT
 
@@ -166,7 +167,7 @@ def ulysses_bytes(layout, phase: int) -> int:
         return 0
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_heads=4"]).model
     video = 0 if phase == 1 else VIDEO_LATENT[1] * VIDEO_LATENT[2] * VIDEO_LATENT[3]
-    motion = MOTION_FRAMES * 51
+    motion = MOTION_FRAMES * MOTION_TOKENS_PER_FRAME
     local_tokens = sum(-(-n // layout.sp) for n in (video, motion))
     per_tensor = (GLOBAL_BATCH // layout.dp) * local_tokens * (cfg.num_heads // layout.tp) * (cfg.dim // cfg.num_heads) * 4
     return cfg.num_layers * 8 * per_tensor

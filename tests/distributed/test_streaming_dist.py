@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import run_torchrun
+from tests.distributed.launch import run_stream_phases
 from tests.s3_server import S3Server
 from tests.tiny_shards import write_tiny_shards
 
-WORKER = Path(__file__).with_name("stream_worker.py")
 NPROC, BATCH = 2, 4
 RESUME_AFTER = 3
 # Short backoff so that the fault test's few-second outage is ridden out quickly.
@@ -39,15 +38,7 @@ def data(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> dict:
 
 
 def launch(out: Path, phases: list[dict], **kwargs) -> tuple[dict[str, list[dict]], str]:
-    """Run the worker with these phases; returns ({phase name: [record of each rank]}, the ranks' output)."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "phases": phases}))
-    result = run_torchrun(WORKER, NPROC, [str(spec)], **kwargs)
-    records = {
-        p["name"]: [json.loads((out / f"{p['name']}.rank{r}.json").read_text()) for r in range(NPROC)] for p in phases
-    }
-    return records, result.output
+    return run_stream_phases(out, phases, NPROC, **kwargs)
 
 
 def phase(name: str, cache: Path, *overrides: str, **extra) -> dict:

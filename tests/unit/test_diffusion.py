@@ -25,8 +25,9 @@ from echomotion.diffusion import (
 from echomotion.diffusion.sampler import check_motion_length
 from echomotion.export import load_exported, save_exported
 from echomotion.models import EchoMotionDiT, Task
+from echomotion.motion.smpl import MOTION_FEATURE_DIM
 
-FEATURES = 235
+FEATURES = MOTION_FEATURE_DIM
 TEXT_LEN, TEXT_DIM = 6, 32
 
 

@@ -8,7 +8,7 @@ import torch
 from echomotion.config import ConfigError, dual_layer_indices, load_config, model_preset
 from echomotion.models import EchoMotionDiT, Task, is_motion_parameter
 from echomotion.models.echomotion import DualBlock, VideoBlock
-from echomotion.motion.smpl import MOTION_FEATURE_DIM
+from echomotion.motion.smpl import MOTION_FEATURE_DIM, MOTION_TOKENS_PER_FRAME
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -223,7 +223,7 @@ def test_position_aid_is_off_for_wan_and_adds_exactly_the_sincos_embedding() -> 
     bare.load_state_dict(aided.state_dict())
     x = inputs()
     video_pe = sincos_embedding(video_positions(3, 2, 3), 64)  # latent [3, 4, 6], patch 1x2x2 -> grid 3 x 2 x 3
-    motion_pe = sincos_embedding(motion_positions(5, 51, (0, 0), "mvs", 4.0), 64)  # (f / 4, i, i), video or not
+    motion_pe = sincos_embedding(motion_positions(5, MOTION_TOKENS_PER_FRAME, (0, 0), "mvs", 4.0), 64)  # (f / 4, i, i), video or not
     plain.patch_embedding.register_forward_hook(lambda m, i, out: out + video_pe.T.reshape(1, 64, 3, 2, 3))
     plain.motion_embed.register_forward_hook(lambda m, i, out: out + motion_pe)
     with torch.no_grad():

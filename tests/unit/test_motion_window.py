@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from echomotion.config import DiffusionConfig
-from echomotion.data.streaming import Collate, DataError, Item, crop_motion
+from echomotion.data.batch import Collate
+from echomotion.data.dataset import Item, crop_motion
+from echomotion.data.errors import DataError
 from echomotion.diffusion import TrainingBatch, training_loss
 from echomotion.models.echomotion import Prediction
+from echomotion.motion.smpl import MOTION_FEATURE_DIM
 from tests.unit.test_diffusion import _tiny_model
 
-FEATURES, TEXT_LEN, TEXT_DIM = 235, 6, 32
+FEATURES, TEXT_LEN, TEXT_DIM = MOTION_FEATURE_DIM, 6, 32
 
 
 def _item(clip: str, frames: int) -> Item:

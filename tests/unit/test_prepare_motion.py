@@ -15,7 +15,7 @@ from echomotion.config import load_config
 from echomotion.data import prepare_motion
 from echomotion.data.encoders import HashTextEncoder
 from echomotion.data.shards import compute_motion_stats, iter_samples
-from echomotion.data.streaming import build_dataloader
+from echomotion.data.loader import build_dataloader
 from echomotion.distributed import DistEnv
 from echomotion.metrics import read_metrics
 from echomotion.motion import MotionStats, SMPLLayer, write_synthetic_smpl_model
@@ -176,7 +176,7 @@ def prepared(amass: Path, tmp_path_factory) -> Path:
 
 
 def _windows(out: Path, *overrides: str) -> dict[str, torch.Tensor]:
-    cfg = load_config(None, [f"data.path={out}", "data.batch_size=1", "data.num_workers=0", "data.motion_frames=24",
+    cfg = load_config(None, [f"data.motion_only_path={out}", "data.batch_size=1", "data.num_workers=0", "data.motion_frames=24",
                              "data.clean_stale_shm=false",
                              *overrides])
     _, loader = build_dataloader(cfg, rank=0, world_size=1)
@@ -194,7 +194,7 @@ def test_streamed_clips_are_cropped_the_same_way_every_time(prepared: Path) -> N
 def test_phase1_trains_on_the_prepared_motion(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = load_config(REPO / "configs/tiny.yaml", [
-        f"data.path={prepared}", f"data.stats_path={prepared / 'motion_stats.json'}",
+        "data.path=null", f"data.motion_only_path={prepared}", f"data.stats_path={prepared / 'motion_stats.json'}",
         f"data.null_text_path={prepared / 'null_text.pt'}", "data.batch_size=2", "data.num_workers=0",
         "data.motion_frames=24", "data.clean_stale_shm=false",
         "model.num_layers=1", "train.progress=false", f"train.run_dir={run}", "train.phase=1", "train.steps=3",

@@ -13,6 +13,7 @@ from echomotion.models.rope import (
     sincos_embedding,
     video_positions,
 )
+from echomotion.motion.smpl import MOTION_TOKENS_PER_FRAME
 
 
 def brute_angle(pos: tuple[float, float, float], head_dim: int, pair: int, theta: float = 10000.0) -> float:
@@ -31,7 +32,7 @@ def brute_angle(pos: tuple[float, float, float], head_dim: int, pair: int, theta
 @pytest.mark.parametrize("head_dim", [128, 32, 12])
 @pytest.mark.parametrize("layout", ["mvs", "collision"])
 def test_mvs_rope_angles_match_brute_force(head_dim: int, layout: str) -> None:
-    frames, tokens, grid = 9, 51, (30, 52)
+    frames, tokens, grid = 9, MOTION_TOKENS_PER_FRAME, (30, 52)
     ang = rope_angles(motion_positions(frames, tokens, grid, layout, 4.0), head_dim)
     assert ang.dtype == torch.float64 and ang.shape == (frames * tokens, head_dim // 2)
     for f in range(frames):
@@ -59,8 +60,9 @@ def test_video_positions_row_major() -> None:
 
 
 def test_motion_frame_4k_aligns_with_latent_k() -> None:
-    pos = motion_positions(9, 51, (3, 3), "mvs", 4.0)
-    assert pos[8 * 51, 0].item() == 2.0 and pos[2 * 51, 0].item() == 0.5  # fractional time, computed directly
+    per = MOTION_TOKENS_PER_FRAME
+    pos = motion_positions(9, per, (3, 3), "mvs", 4.0)
+    assert pos[8 * per, 0].item() == 2.0 and pos[2 * per, 0].item() == 0.5  # fractional time, computed directly
 
 
 def test_rope_scores_depend_only_on_relative_position() -> None:

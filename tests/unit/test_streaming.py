@@ -14,18 +14,12 @@ import pytest
 import torch
 
 from echomotion.config import ConfigError, load_config
-from echomotion.data.streaming import (
-    Collate,
-    DataError,
-    Item,
-    ShardCorruptError,
-    ShardFetchError,
-    build_dataloader,
-    is_transient,
-    motion_frame_multiple,
-    with_retries,
-)
-from echomotion.motion.smpl import MotionStats, SMPLMotion
+from echomotion.data.batch import Collate, motion_frame_multiple
+from echomotion.data.dataset import Item
+from echomotion.data.errors import DataError, ShardCorruptError, ShardFetchError
+from echomotion.data.loader import build_dataloader
+from echomotion.data.transport import is_transient, with_retries
+from echomotion.motion.smpl import MOTION_FEATURE_DIM, MotionStats, SMPLMotion
 from tests.s3_server import S3Server, s3_client
 from tests.tiny_shards import write_tiny_shards
 
@@ -47,7 +41,7 @@ def item(clip: str, frames: int, text_tokens: int, video_shape=(4, 2, 3, 3)) -> 
         clip_id=clip,
         caption=clip,
         video=None if video_shape is None else torch.randn(video_shape),
-        motion=torch.randn(frames, 235),
+        motion=torch.randn(frames, MOTION_FEATURE_DIM),
         text=torch.randn(text_tokens, 8),
     )
 
@@ -55,22 +49,25 @@ def item(clip: str, frames: int, text_tokens: int, video_shape=(4, 2, 3, 3)) -> 
 # --------------------------------------------------------------------------------------------------------------- collate
 
 
-def test_collate_pads_motion_for_sp_and_text_to_text_len() -> None:
+def test_collate_pads_motion_for_sp_and_text_to_the_longest_prompt() -> None:
     items = [item("a", 5, 3), item("b", 9, 6)]
     batch = Collate(text_len=4, sp_multiple=4)(items)
     assert batch.video is not None and batch.video.shape == (2, 4, 2, 3, 3)
-    assert batch.motion.shape == (2, 12, 235)  # longest clip 9 -> 12: 12 * 51 tokens is a multiple of 4
+    assert batch.motion.shape == (2, 12, MOTION_FEATURE_DIM)  # longest clip 9 -> 12: 12 * 51 tokens is a multiple of 4
     assert batch.motion_mask.sum(1).tolist() == [5, 9]
     assert torch.equal(batch.motion[1, :9], items[1].motion) and not batch.motion[0, 5:].any()
     assert batch.text.shape == (2, 4, 8) and batch.text_lengths.tolist() == [3, 4]
     assert torch.equal(batch.text[0, :3], items[0].text) and not batch.text[0, 3:].any()
     assert torch.equal(batch.text[1], items[1].text[:4])
     assert batch.has_video.tolist() == [True, True] and batch.clip_ids == ["a", "b"] and len(batch) == 2
+    roomy = Collate(text_len=16)(items)  # the batch's longest prompt (6), not text_len: the device pads the rest
+    assert roomy.text.shape == (2, 6, 8) and roomy.text_lengths.tolist() == [3, 6]
+    assert torch.equal(roomy.text[1], items[1].text) and not roomy.text[0, 3:].any()
 
 
 def test_collate_warns_once_on_text_truncation(caplog: pytest.LogCaptureFixture) -> None:
     collate = Collate(text_len=2)
-    with caplog.at_level(logging.WARNING, logger="echomotion.data.streaming"):
+    with caplog.at_level(logging.WARNING, logger="echomotion.data.batch"):
         collate([item("a", 3, 5)])
         collate([item("b", 3, 5)])
     assert sum("truncated" in r.message for r in caplog.records) == 1
@@ -104,7 +101,7 @@ def test_build_checks_world_against_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(DataError, match="disagree with the environment"):
         build_dataloader(config("/nowhere"), rank=1, world_size=2)
-    with pytest.raises(DataError, match="data.path is not set"):
+    with pytest.raises(DataError, match="no data source is set"):
         build_dataloader(load_config(), rank=0, world_size=1)
     with pytest.raises(DataError, match="set data.cache_dir"):
         build_dataloader(config("s3://bucket/x"), rank=0, world_size=1)
@@ -167,7 +164,7 @@ def test_local_read_decodes_normalized_motion_and_every_sample_once(shards: tupl
     s = by_id[b.clip_ids[0]]
     want = stats.normalize(SMPLMotion(s.betas, s.global_orient, s.body_pose, s.transl, s.joints).to_features().float())
     torch.testing.assert_close(b.motion[0], want)
-    assert torch.equal(b.video[0], s.video_latent.half()) and b.text.shape == (4, 16, 32)  # model.text_len of tiny
+    assert torch.equal(b.video[0], s.video_latent.half()) and b.text.shape == (4, 7, 32)  # the longest prompt, not model.text_len (16)
     assert torch.equal(b.text[0, :7], s.text_embedding.half()) and b.text_lengths.tolist() == [7] * 4
 
 
@@ -304,7 +301,8 @@ def test_cache_limit_evicts_and_still_reads_everything(
     limit = f"{5 * shard_bytes}b"  # streaming needs at least 4 shards of room; the dataset has 6
     batches = read_all(config("s3://unit/limited", f"data.cache_dir={tmp_path}", f"data.cache_limit={limit}"))
     assert sorted(c for b in batches for c in b.clip_ids) == sorted(s.clip_id for s in samples)
-    assert sum(f.stat().st_size for f in tmp_path.glob("main-*/shard.*")) <= 5 * shard_bytes
+    (cache,) = tmp_path.glob("paired-*")  # the source's own cache folder, named after its kind and URL
+    assert sum(f.stat().st_size for f in cache.glob("shard.*")) <= 5 * shard_bytes
 
 
 def test_proportions_mix_streams_per_batch(shards: tuple[Path, list], tmp_path: Path) -> None:
