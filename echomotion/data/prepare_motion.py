@@ -252,9 +252,9 @@ def _write_part(chunk: list[str], part: str, output: Output, tenc, layer: SMPLLa
     for b in range(0, len(samples), args.batch_size):
         batch = samples[b : b + args.batch_size]
         for (sample_id, caption, seg), text in zip(batch, _encode(tenc, [c for _, c, _ in batch])):
-            motion = _with_joints(layer, seg)
-            writer.write(encode_sample(_sample(sample_id, caption, motion, text, args)))  # type: ignore[union-attr]
-            moments.add(motion.to_features())
+            sample = _sample(sample_id, caption, _with_joints(layer, seg), text, args)
+            writer.write(encode_sample(sample))  # type: ignore[union-attr]
+            moments.add(sample.features())  # computed once by encode_sample, stored in the record
             frames.append(len(seg["transl"]))
     if writer is not None:
         writer.finish()
