@@ -536,6 +536,14 @@ class Collate:
         )
 
 
+def share_by_filename(worker_id: int) -> None:
+    """A worker hands its batches over as named shared-memory files instead of one file descriptor per tensor, which
+    costs the main process a new authenticated connection to the worker for every tensor of every batch (about 1 ms
+    each on a busy CPU, docs/PERFORMANCE.md "Data loading"). Set in the workers only: the main process and the rest of
+    training keep torch's default."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def _ids(items: list[Item]) -> str:
     ids = [it.clip_id for it in items]
     return ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
@@ -693,5 +701,6 @@ def build_dataloader(
         collate_fn=Collate(cfg.text_len, d.sp_multiple, d.motion_frames),
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        worker_init_fn=share_by_filename,
     )
     return dataset, loader

@@ -60,12 +60,13 @@ def test_v2_batches_equal_v1_batches(tmp_path: Path) -> None:
     write_v1(tmp_path / "v2", tmp_path / "v1")
     assert all(r["schema_version"] == 1 and "motion_features" not in r for r in iter_records(tmp_path / "v1"))
 
-    def batches(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        cfg = load_config(None, [f"data.path={path}", "data.batch_size=1", "data.num_workers=0", "data.shuffle=false",
-                                 "data.clean_stale_shm=false"])
+    def batches(path: Path, workers: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        cfg = load_config(None, [f"data.path={path}", "data.batch_size=1", f"data.num_workers={workers}",
+                                 "data.shuffle=false", "data.clean_stale_shm=false"])
         return {b.clip_ids[0]: (b.motion, b.motion_mask) for b in build_dataloader(cfg, rank=0, world_size=1)[1]}
 
-    v1, v2 = batches(tmp_path / "v1"), batches(tmp_path / "v2")
+    # v2 through a worker process too, which hands batches over as named shared-memory files (share_by_filename)
+    v1, v2 = batches(tmp_path / "v1", 0), batches(tmp_path / "v2", 1)
     assert sorted(v1) == sorted(v2) == [f"c{i:04d}" for i in range(6)]
     for clip, (motion, mask) in v1.items():
         assert torch.equal(motion, v2[clip][0]) and torch.equal(mask, v2[clip][1])
