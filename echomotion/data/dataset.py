@@ -16,7 +16,7 @@ import torch
 from streaming import StreamingDataset
 from streaming.base.dataset import _ShardState
 
-from ..motion.smpl import MotionStats, SMPLMotion
+from ..motion.smpl import MotionStats
 from .errors import DataError, ShardCorruptError
 from .schema import decode_sample
 
@@ -133,7 +133,7 @@ class HuMoVeStreamingDataset(StreamingDataset):
 
     def _to_item(self, record: dict[str, Any], sample_id: int) -> Item:
         s = decode_sample(record)
-        motion = SMPLMotion(s.betas, s.global_orient, s.body_pose, s.transl, s.joints).to_features().float()
+        motion = s.features()  # stored at preparation time (schema v2), computed here for v1 records
         if self.motion_frames is not None and s.video_latent is None:
             # next_epoch is the epoch being iterated + 1 (streaming sets it when an epoch starts); 0 outside iteration
             motion = crop_motion(motion, self.motion_frames, self.shuffle_seed, max(self.next_epoch - 1, 0), sample_id)

@@ -119,6 +119,14 @@ def _stream(d: DataConfig, source: SourceConfig, cache: Optional[str]) -> Retryi
     )
 
 
+def share_by_filename(worker_id: int) -> None:
+    """A worker hands its batches over as named shared-memory files instead of one file descriptor per tensor, which
+    costs the main process a new authenticated connection to the worker for every tensor of every batch (about 1 ms
+    each on a busy CPU, docs/PERFORMANCE.md "Loader speed"). Set in the workers only: the main process and the rest of
+    training keep torch's default."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def build_dataloader(
     cfg: Config,
     *,
@@ -170,6 +178,7 @@ def build_dataloader(
         prefetch_factor=d.prefetch_factor if d.num_workers > 0 else None,
         collate_fn=Collate(cfg.text_len, d.sp_multiple, d.motion_frames),
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=share_by_filename,
         drop_last=False,
     )
     return dataset, loader

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from echomotion.data.encoders import TEXT_ENCODERS, VIDEO_CODECS, build_text_encoder, build_video_codec
 from echomotion.data.schema import COLUMNS, SCHEMA_VERSION, Sample, encode_sample
 from echomotion.data.shards import SHARD_BYTES, SHARD_HASHES, is_remote
-from echomotion.motion import MOTION_FEATURE_DIM, NUM_BETAS, NUM_BODY_JOINTS, MotionStats, SMPLLayer, SMPLMotion
+from echomotion.motion import MOTION_FEATURE_DIM, NUM_BETAS, NUM_BODY_JOINTS, MotionStats, SMPLLayer
 
 __all__ = ["ClipRejected", "ManifestEntry", "read_manifest", "read_video", "read_smpl", "load_clip", "main",
            # shared with prepare_motion.py: output, progress, resume, part writers, merge and report
@@ -464,8 +464,7 @@ def _write_part(chunk: list[ManifestEntry], part: str, output: Output, codec, te
                 writer = open_part_writer(output, part, args.keep_local)
             for e, sample in _encode_batch(batch, loaded, codec, tenc, layer, args):
                 writer.write(encode_sample(sample, args.latent_dtype))
-                moments.add(SMPLMotion(sample.betas, sample.global_orient, sample.body_pose, sample.transl,
-                                       sample.joints).to_features())
+                moments.add(sample.features())  # computed once by encode_sample, stored in the record
                 clips.append(e.clip_id)
             counts["encoded"] += len(batch)
         bar.update(len(chunk[b : b + args.batch_size]))

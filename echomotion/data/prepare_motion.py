@@ -16,6 +16,10 @@ for a motion-only Phase 1 run) reads it like any other stream.
 - Captions: `--texts DIR` holds `<clip path>.txt` next to the layout of `--input` (the .npz path with .txt), one caption a
   line, `caption#tokens#start#end` (HumanML3D); start/end in seconds cut that caption's segment, 0.0#0.0 (or end <= start)
   the whole clip. Every caption is one sample, `<clip id>#<line>`. Without --texts each clip is one uncaptioned sample.
+- Lengths: training cuts every clip to one window of `data.motion_frames` (a random one per epoch for longer clips,
+  padding for shorter ones), so batches are uniform without length buckets; the only waste is the padding of clips
+  shorter than the window. dataset.json's `lengths` gives, for each window in `--report-frames`, the padded share of
+  the training frames and the share of the clips' frames left outside the window in an epoch, to choose the window by.
 - Resumable and multi-rank like prepare_humove.py (its progress files, settings pinning, index merge and rejection
   report are reused): a unit of work is one .npz file. Rejected files and segments land in rejected.jsonl with a kind
   (unknown_format, unreadable, bad_values, too_short, missing_text) and a reason.
@@ -53,6 +57,7 @@ from echomotion.motion import NUM_BETAS, NUM_BODY_JOINTS, SMPLLayer, SMPLMotion
 SMPLH_POSE_DIM, SMPL_POSE_DIM = 156, 72
 SHARED_BODY = 21  # body joints 1..21 are the same joints in SMPL-H and SMPL
 SOURCE = "amass"
+REPORT_FRAMES = (32, 64, 96, 128, 160)  # 2-10 s at 16 fps: HumanML3D's clip lengths
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=16.0, help="the model's motion rate: the paired data's video fps")
     p.add_argument("--min-frames", type=int, default=16, help="shorter clips or segments (after resampling) are rejected")
     p.add_argument("--source", default=SOURCE, help="the samples' `source` column")
+    p.add_argument("--report-frames", type=int, nargs="+", default=list(REPORT_FRAMES),
+                   help="data.motion_frames windows whose padding and cropping dataset.json reports")
     p.add_argument("--local-dir", help="staging folder for an s3:// --out (default: under the system temp folder)")
     p.add_argument("--keep-local", action="store_true", help="keep local copies of shards uploaded to s3://")
     p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="hash")
@@ -161,8 +168,8 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         p.error(f"--input {args.input} is not a folder; pass the folder that holds the AMASS .npz files")
     if args.texts and not Path(args.texts).is_dir():
         p.error(f"--texts {args.texts} is not a folder; pass HumanML3D's texts/ folder, or leave --texts out")
-    if min(args.batch_size, args.chunk_size, args.min_frames) < 1 or not args.fps > 0:
-        p.error("--batch-size, --chunk-size, --min-frames and --fps must be positive")
+    if min(args.batch_size, args.chunk_size, args.min_frames, *args.report_frames) < 1 or not args.fps > 0:
+        p.error("--batch-size, --chunk-size, --min-frames, --report-frames and --fps must be positive")
     return args
 
 
@@ -252,9 +259,9 @@ def _write_part(chunk: list[str], part: str, output: Output, tenc, layer: SMPLLa
     for b in range(0, len(samples), args.batch_size):
         batch = samples[b : b + args.batch_size]
         for (sample_id, caption, seg), text in zip(batch, _encode(tenc, [c for _, c, _ in batch])):
-            motion = _with_joints(layer, seg)
-            writer.write(encode_sample(_sample(sample_id, caption, motion, text, args)))  # type: ignore[union-attr]
-            moments.add(motion.to_features())
+            sample = _sample(sample_id, caption, _with_joints(layer, seg), text, args)
+            writer.write(encode_sample(sample))  # type: ignore[union-attr]
+            moments.add(sample.features())  # computed once by encode_sample, stored in the record
             frames.append(len(seg["transl"]))
     if writer is not None:
         writer.finish()
@@ -291,10 +298,23 @@ def _finalize(args: argparse.Namespace, output: Output, clips: list[str], tenc) 
     torch.save(tenc.encode([""])[0], output.local / "null_text.pt")
     counts = {**merged.counts(), "samples": len(frames), "frames_total": sum(frames),
               "frames_min": min(frames, default=0), "frames_max": max(frames, default=0)}
+    lengths = {str(w): window_waste(frames, w) for w in args.report_frames} if frames else {}
+    for w, waste in lengths.items():
+        print(f"prepare_motion: data.motion_frames={w}: {waste['pad_fraction']:.1%} of training frames are padding, "
+              f"{waste['crop_fraction']:.1%} of the clips' frames lie outside the window in an epoch", flush=True)
     info = {"name": Path(args.input).name, **_settings(args, tenc), "text_dim": tenc.dim,
             "smpl_model": str(Path(args.smpl_model).resolve()), "input": str(Path(args.input).resolve()),
-            "texts": str(Path(args.texts).resolve()) if args.texts else None, "counts": counts,
+            "texts": str(Path(args.texts).resolve()) if args.texts else None, "counts": counts, "lengths": lengths,
             "motion_stats": "motion_stats.json" if merged.moments.n else None, "null_text": "null_text.pt",
             "parts": merged.parts}
     write_dataset_info(output, info, merged, "prepare_motion", args.out)
     return counts
+
+
+def window_waste(frames: list[int], window: int) -> dict[str, float]:
+    """What training at data.motion_frames=`window` wastes on clips of these lengths: the padded share of the frames
+    it trains on (clips shorter than the window are padded) and the share of the clips' frames an epoch does not see
+    (longer clips are cut to one window per epoch)."""
+    n = np.asarray(frames, dtype=np.int64)
+    return {"pad_fraction": float(np.maximum(window - n, 0).sum() / (window * len(n))),
+            "crop_fraction": float(np.maximum(n - window, 0).sum() / n.sum())}

@@ -1,8 +1,11 @@
 """One HuMoVe training sample as MDS columns (mosaicml-streaming), and its typed in-memory form.
 
 Video latents are stored as raw bytes + dtype + shape (MDS cannot hold bfloat16); motion-only samples (Phase 1 data such as
-HumanML3D-style clips) carry an empty latent and `has_video = 0`. Every record has `schema_version`; a reader meeting a
-version it does not know stops with an error instead of guessing. Documented in docs/data.md.
+HumanML3D-style clips) carry an empty latent and `has_video = 0`. Version 2 adds the model's [F, 235] motion features,
+computed once when the record is written, so the loader does not convert axis-angle to 6D rotations on every read (a
+third of a Phase 1 sample's CPU cost); version 1 records are still read and their features computed on the fly. Every
+record has `schema_version`; a reader meeting a version it does not know stops with an error instead of guessing.
+Documented in docs/data.md.
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 1
+from echomotion.motion.smpl import MOTION_FEATURE_DIM, SMPLMotion
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no motion_features column (computed when read)
 
 COLUMNS: dict[str, str] = {
     "schema_version": "int",
@@ -35,6 +41,7 @@ COLUMNS: dict[str, str] = {
     "body_pose": "ndarray:float32",
     "transl": "ndarray:float32",
     "joints": "ndarray:float32",
+    "motion_features": "ndarray:float32",
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -63,6 +70,14 @@ class Sample:
     body_pose: torch.Tensor  # [F, 23, 3] axis-angle
     transl: torch.Tensor  # [F, 3]
     joints: torch.Tensor  # [F, 24, 3]
+    motion_features: Optional[torch.Tensor] = None  # [F, 235] float32; None: computed from the SMPL fields when needed
+
+    def features(self) -> torch.Tensor:
+        """The [F, 235] float32 motion features: the stored ones, else computed (and kept) from the SMPL fields."""
+        if self.motion_features is None:
+            motion = SMPLMotion(self.betas, self.global_orient, self.body_pose, self.transl, self.joints)
+            self.motion_features = motion.to_features().float()
+        return self.motion_features
 
 
 def encode_sample(s: Sample, latent_dtype: str = "float16") -> dict[str, Any]:
@@ -96,16 +111,19 @@ def encode_sample(s: Sample, latent_dtype: str = "float16") -> dict[str, Any]:
         "body_pose": _f32(s.body_pose),
         "transl": _f32(s.transl),
         "joints": _f32(s.joints),
+        "motion_features": _f32(s.features()),
     }
 
 
 def decode_sample(rec: dict[str, Any]) -> Sample:
     """MDS record -> Sample, rejecting unknown schema versions and inconsistent records with a clear error."""
     version = int(rec.get("schema_version", -1))
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise SchemaError(
-            f"sample {rec.get('clip_id', '?')!r} has schema_version {version}; this code reads version {SCHEMA_VERSION}. "
-            "Re-run tools/prepare_humove.py with this version, or use the matching release of the code."
+            f"sample {rec.get('clip_id', '?')!r} has schema_version {version}; this code reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Re-run the preparation tool (tools/prepare_humove.py, "
+            "tools/prepare_motion.py, tools/make_humove_mini.py) with this version, or use the matching release of the "
+            "code."
         )
     latent = None
     if int(rec["has_video"]):
@@ -136,7 +154,18 @@ def decode_sample(rec: dict[str, Any]) -> Sample:
         body_pose=_t(rec["body_pose"]),
         transl=_t(rec["transl"]),
         joints=_t(rec["joints"]),
+        motion_features=_features(rec) if version >= 2 else None,
     )
+
+
+def _features(rec: dict[str, Any]) -> torch.Tensor:
+    """The stored [F, 235] features, checked against the frame count (a wrong layout must not train silently)."""
+    x = _t(rec["motion_features"])
+    frames = np.shape(rec["global_orient"])[0]
+    if x.shape != (frames, MOTION_FEATURE_DIM):
+        raise SchemaError(f"sample {rec['clip_id']!r}: motion_features has shape {list(x.shape)}, expected "
+                          f"[{frames}, {MOTION_FEATURE_DIM}]; re-run the preparation tool")
+    return x
 
 
 def _f32(x: torch.Tensor | np.ndarray) -> np.ndarray:

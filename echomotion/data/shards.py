@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from echomotion.data.schema import Sample, decode_sample
-from echomotion.motion import MotionStats, SMPLMotion
+from echomotion.motion import MotionStats
 
 __all__ = ["SHARD_BYTES", "SHARD_HASHES", "is_remote", "iter_records", "iter_samples", "motion_features",
            "compute_motion_stats"]
@@ -72,7 +72,7 @@ def iter_samples(root: str | Path) -> Iterator[Sample]:
 
 def motion_features(s: Sample):
     """The [F, 235] motion features of a decoded sample (the model's diffusion target before normalization)."""
-    return SMPLMotion(s.betas, s.global_orient, s.body_pose, s.transl, s.joints).to_features()
+    return s.features()
 
 
 def compute_motion_stats(root: str | Path, min_std: float = 1e-2) -> MotionStats:

@@ -592,11 +592,11 @@ def _write_video_clips(out: Path, clips: int, seed: int, heldout_fraction: float
             texts = tenc.encode([s.caption() for s in specs])
             for i, s, m, fr, lat, txt in zip(idx, specs, motions, frames, latents, texts):
                 clip_id, split = f"hm-{i:06d}", "heldout" if i in heldout else "train"
-                writers[split].write(encode_sample(_sample(clip_id, s.action, s.caption(), m, lat, txt, **shape),
-                                                   latent_dtype))
+                sample = _sample(clip_id, s.action, s.caption(), m, lat, txt, **shape)
+                writers[split].write(encode_sample(sample, latent_dtype))
                 tally.add(split, s.action)
                 if split == "train":
-                    train_features.append(m.to_features())
+                    train_features.append(sample.features())
                 if manifest is not None:
                     _write_raw_clip(out / "raw" / "clips", clip_id, fr, m, shape["fps"])
                     manifest.write(json.dumps({"clip_id": clip_id, "video": f"clips/{clip_id}.mp4",

@@ -205,3 +205,11 @@ def test_phase1_trains_on_the_prepared_motion(prepared: Path, tmp_path: Path) ->
     # batches of two clips cut to 24 frames: only walk#1 (17 frames) is padded, 7 of 48 frames; alone 7 of 24
     assert {round(r["motion_pad_fraction"], 6) for r in records} <= {0.0, round(7 / 48, 6), round(7 / 24, 6)}
     assert any(r["motion_pad_fraction"] > 0 for r in records)
+
+
+def test_dataset_json_reports_the_padding_and_cropping_of_each_window(prepared: Path) -> None:
+    lengths = json.loads((prepared / "dataset.json").read_text())["lengths"]
+    assert list(lengths) == [str(w) for w in prepare_motion.REPORT_FRAMES]
+    # clips of 32, 17 and 40 frames in 32-frame windows: 15 of 96 trained frames are padding, 8 of 89 frames cut away
+    assert lengths["32"] == {"pad_fraction": 15 / 96, "crop_fraction": 8 / 89}
+    assert lengths["160"]["crop_fraction"] == 0 and lengths["160"]["pad_fraction"] == (128 + 143 + 120) / 480
