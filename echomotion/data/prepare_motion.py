@@ -16,6 +16,11 @@ for a motion-only Phase 1 run) reads it like any other stream.
 - Captions: `--texts DIR` holds `<clip path>.txt` next to the layout of `--input` (the .npz path with .txt), one caption a
   line, `caption#tokens#start#end` (HumanML3D); start/end in seconds cut that caption's segment, 0.0#0.0 (or end <= start)
   the whole clip. Every caption is one sample, `<clip id>#<line>`. Without --texts each clip is one uncaptioned sample.
+- HumanML3D as distributed: `--humanml3d DIR` reads its `index.csv` (source_path, start_frame, end_frame, new_name) and
+  `texts/<id>.txt`. Its frames are AMASS frames taken every int(rate / 20)-th (20 fps nominal), after dropping the head of
+  five sub-datasets (`HUMANML3D_HEAD_TRIM`), so a segment [start_frame, end_frame) and a caption's #start#end (seconds at
+  20 fps into the segment) map back to AMASS source frames exactly. Sample ids are `<clip id>#<HumanML3D id>.<line>`,
+  so HumanML3D's split files select them. HumanAct12 rows (not AMASS) and mirrored `M` ids are not used.
 - Lengths: training cuts every clip to one window of `data.motion_frames` (a random one per epoch for longer clips,
   padding for shorter ones), so batches are uniform without length buckets; the only waste is the padding of clips
   shorter than the window. dataset.json's `lengths` gives, for each window in `--report-frames`, the padded share of
@@ -27,6 +32,7 @@ for a motion-only Phase 1 run) reads it like any other stream.
 from __future__ import annotations
 
 import argparse
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -58,6 +64,11 @@ SMPLH_POSE_DIM, SMPL_POSE_DIM = 156, 72
 SHARED_BODY = 21  # body joints 1..21 are the same joints in SMPL-H and SMPL
 SOURCE = "amass"
 REPORT_FRAMES = (32, 64, 96, 128, 160)  # 2-10 s at 16 fps: HumanML3D's clip lengths
+HUMANML3D_FPS = 20
+# Seconds HumanML3D's pose processing drops from the start of every clip of these AMASS sub-datasets before its index's
+# start_frame/end_frame count (its raw_pose_processing step).
+HUMANML3D_HEAD_TRIM = {"Eyes_Japan_Dataset": 3.0, "MPI_HDM05": 3.0, "TotalCapture": 1.0, "MPI_Limits": 1.0,
+                       "Transitions_mocap": 0.5}
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,53 @@ class Caption:
     text: str
     start: float  # seconds; start = end = 0: the whole clip
     end: float
+
+
+@dataclass(frozen=True)
+class HumanML3DSegment:
+    """One row of HumanML3D's index.csv with its captions (times in seconds at 20 fps from the segment start)."""
+
+    key: str  # HumanML3D id, e.g. 000123
+    start: int  # HumanML3D frames after the head trim; end is exclusive
+    end: int
+    captions: tuple[Caption, ...]
+
+
+def read_humanml3d(folder: Path) -> dict[str, list[HumanML3DSegment]]:
+    """index.csv + texts/ -> the segments of each AMASS clip id (`./pose_data/KIT/3/x_poses.npy` -> `KIT/3/x_poses`)."""
+    out: dict[str, list[HumanML3DSegment]] = {}
+    with open(folder / "index.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if "humanact12" in row["source_path"]:
+                continue
+            clip = row["source_path"].split("pose_data/", 1)[-1].removesuffix(".npy")
+            key = Path(row["new_name"]).stem
+            text = folder / "texts" / f"{key}.txt"
+            captions = tuple(read_captions(text)) if text.is_file() else ()
+            out.setdefault(clip, []).append(HumanML3DSegment(key, int(row["start_frame"]), int(row["end_frame"]), captions))
+    return out
+
+
+def humanml3d_captions(clip: str, segments: list[HumanML3DSegment], src_fps: float) -> list[tuple[str, Caption]]:
+    """Each caption of the clip's HumanML3D segments as (id suffix, Caption in seconds of the AMASS clip): HumanML3D frame
+    k is AMASS frame (trim + k) * int(rate / 20). A span of one frame ends half a source frame after it starts (end = start
+    would mean the whole clip), so it comes out as one frame, too short."""
+    stride = max(int(src_fps / HUMANML3D_FPS), 1)
+    trim = next((int(sec * HUMANML3D_FPS) for name, sec in HUMANML3D_HEAD_TRIM.items() if name in clip), 0)
+
+    def seconds(k: int) -> float:
+        return (trim + k) * stride / src_fps
+
+    out = []
+    for seg in segments:
+        for i, cap in enumerate(seg.captions):
+            first, stop = seg.start, seg.end
+            if cap.end > cap.start:
+                first, stop = seg.start + int(cap.start * HUMANML3D_FPS), min(seg.start + int(cap.end * HUMANML3D_FPS), seg.end)
+            last = max(stop - 1, first)
+            end = seconds(last) if last > first else seconds(first) + 0.5 / src_fps
+            out.append((f"{seg.key}.{i}", Caption(cap.text, seconds(first), end)))
+    return out
 
 
 def read_amass(path: Path) -> tuple[dict[str, np.ndarray], float]:
@@ -147,6 +205,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder, or s3://bucket/prefix (endpoint from S3_ENDPOINT_URL)")
     p.add_argument("--smpl-model", required=True, help="SMPL .pkl for forward kinematics (motion.smpl_model_path)")
     p.add_argument("--texts", help="HumanML3D-style captions: <clip path>.txt per clip, laid out like --input")
+    p.add_argument("--humanml3d", help="HumanML3D's folder (index.csv, texts/): its segments and captions of --input")
     p.add_argument("--fps", type=float, default=16.0, help="the model's motion rate: the paired data's video fps")
     p.add_argument("--min-frames", type=int, default=16, help="shorter clips or segments (after resampling) are rejected")
     p.add_argument("--source", default=SOURCE, help="the samples' `source` column")
@@ -168,6 +227,10 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         p.error(f"--input {args.input} is not a folder; pass the folder that holds the AMASS .npz files")
     if args.texts and not Path(args.texts).is_dir():
         p.error(f"--texts {args.texts} is not a folder; pass HumanML3D's texts/ folder, or leave --texts out")
+    if args.texts and args.humanml3d:
+        p.error("--texts and --humanml3d both give captions: pass one")
+    if args.humanml3d and not (Path(args.humanml3d) / "index.csv").is_file():
+        p.error(f"--humanml3d {args.humanml3d} has no index.csv; pass the HumanML3D folder that holds index.csv and texts/")
     if min(args.batch_size, args.chunk_size, args.min_frames, *args.report_frames) < 1 or not args.fps > 0:
         p.error("--batch-size, --chunk-size, --min-frames, --report-frames and --fps must be positive")
     return args
@@ -176,7 +239,7 @@ def _parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def _settings(args: argparse.Namespace, tenc) -> dict[str, Any]:
     """What every sample of one output folder shares (a restart with other settings is refused)."""
     return {"kind": "motion_only", "schema_version": SCHEMA_VERSION, "fps": args.fps, "min_frames": args.min_frames,
-            "captions": bool(args.texts), "text_encoder": tenc.describe(), "smpl_model_sha1": file_sha1(args.smpl_model)}
+            "captions": "humanml3d" if args.humanml3d else bool(args.texts), "text_encoder": tenc.describe(), "smpl_model_sha1": file_sha1(args.smpl_model)}
 
 
 def clip_ids(input_dir: Path) -> list[str]:
@@ -191,27 +254,37 @@ def load_unit(clip: str, args: argparse.Namespace) -> tuple[list[tuple[str, str,
     frames = len(segment(params, src_fps, args.fps, None)["transl"])
     if frames < args.min_frames:
         raise ClipRejected("too_short", f"{frames} frames at {args.fps:g} fps, fewer than --min-frames {args.min_frames}")
-    captions: list[Optional[Caption]] = [None]
-    if args.texts:
-        text = Path(args.texts) / f"{clip}.txt"
-        captions = read_captions(text) if text.is_file() else []  # type: ignore[assignment]
-        if not captions:
-            raise ClipRejected("missing_text", f"no captions in {text}; add them or run without --texts")
+    captions = _captions(clip, args, src_fps)
     samples, rejected = [], []
-    for k, cap in enumerate(captions):
+    for key, cap in captions:
         seg = segment(params, src_fps, args.fps, cap)
         frames = len(seg["transl"])
-        if frames < args.min_frames:  # only a caption's segment can be shorter than the whole clip
-            rejected.append(rejection(f"{clip}#{k}", "too_short", f"{frames} frames at {args.fps:g} fps, fewer than "
+        if frames < args.min_frames:  # only a caption's span can be shorter than the whole clip
+            rejected.append(rejection(f"{clip}#{key}", "too_short", f"{frames} frames at {args.fps:g} fps, fewer than "
                                       f"--min-frames {args.min_frames} (segment {cap.start:g}-{cap.end:g} s)"))
             continue
-        samples.append((clip if cap is None else f"{clip}#{k}", "" if cap is None else cap.text, seg))
+        samples.append((clip if cap is None else f"{clip}#{key}", "" if cap is None else cap.text, seg))
     return samples, rejected
+
+
+def _captions(clip: str, args: argparse.Namespace, src_fps: float) -> list[tuple[str, Optional[Caption]]]:
+    """(id suffix, caption) per sample of the clip: one uncaptioned sample without --texts / --humanml3d."""
+    if args.humanml3d:
+        found, where = humanml3d_captions(clip, args.humanml3d_segments.get(clip, []), src_fps), "HumanML3D's index.csv"
+    elif args.texts:
+        text = Path(args.texts) / f"{clip}.txt"
+        found, where = [(str(k), c) for k, c in enumerate(read_captions(text) if text.is_file() else [])], str(text)
+    else:
+        return [("", None)]
+    if not found:
+        raise ClipRejected("missing_text", f"no captions for {clip} in {where}; add them or run without captions")
+    return found  # type: ignore[return-value]
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run one rank (RANK / WORLD_SIZE from torchrun); returns this rank's counts."""
     args = _parse_args(argv)
+    args.humanml3d_segments = read_humanml3d(Path(args.humanml3d)) if args.humanml3d else {}
     rank, world = join_ranks()
     output = Output(args.out, args.local_dir)
     clips = clip_ids(Path(args.input))

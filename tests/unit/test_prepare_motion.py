@@ -124,6 +124,41 @@ def test_amass_and_humanml3d_become_motion_only_samples(amass: Path, tmp_path: P
     assert (out / "null_text.pt").exists() and json.loads((out / "dataset.json").read_text())["kind"] == "motion_only"
 
 
+def test_humanml3d_index_maps_segments_and_captions_back_to_amass_frames(amass: Path, tmp_path: Path) -> None:
+    """HumanML3D as distributed (index.csv + texts/<id>.txt): its frame k is AMASS frame (trim + k) * int(rate / 20),
+    after a 3 s head trim for Eyes_Japan_Dataset; HumanAct12 rows are skipped; clips without a row have no captions."""
+    root = tmp_path / "amass"
+    for clip, (width, fps, frames) in GOOD.items():
+        _write_clip(root / f"{clip}.npz", width, fps, frames, 1)
+    _write_clip(root / "Eyes_Japan_Dataset/aita/bow_poses.npz", 156, 120.0, 720, 2)  # 6 s, of which HumanML3D drops 3
+    hml = tmp_path / "HumanML3D"
+    (hml / "texts").mkdir(parents=True)
+    (hml / "index.csv").write_text("source_path,start_frame,end_frame,new_name\n"
+                                   "./pose_data/CMU/01/walk_poses.npy,5,35,000001.npy\n"
+                                   "./pose_data/Eyes_Japan_Dataset/aita/bow_poses.npy,0,50,000002.npy\n"
+                                   "./pose_data/humanact12/humanact12/P01G01R01F0001T0064A0101.npy,0,60,000003.npy\n")
+    (hml / "texts/000001.txt").write_text("a person walks#a/DET#0.0#0.0\nsteps on#s/NOUN#0.25#1.5\nbrief#b/ADJ#0.5#1.0\n")
+    (hml / "texts/000002.txt").write_text("a person bows#a/DET#0.0#0.0\n")
+    write_synthetic_smpl_model(tmp_path / "smpl.pkl")
+    out = tmp_path / "out"
+    prepare_motion.main(["--input", str(root), "--out", str(out), "--smpl-model", str(tmp_path / "smpl.pkl"),
+                         "--humanml3d", str(hml), "--no-progress"])
+    got = _by_id(out)
+    # (sample, first AMASS frame, last AMASS frame): 120 fps -> every 6th frame is a HumanML3D frame
+    expect = {"CMU/01/walk_poses#000001.0": (5 * 6, 34 * 6), "CMU/01/walk_poses#000001.1": (10 * 6, 34 * 6),
+              "Eyes_Japan_Dataset/aita/bow_poses#000002.0": ((60 + 0) * 6, (60 + 49) * 6)}
+    assert set(got) == set(expect)
+    for sid, (first, last) in expect.items():
+        s = got[sid]
+        trans = np.load(root / f"{sid.split('#')[0]}.npz")["trans"]
+        assert s.num_frames == int((last - first) / 120 * 16 + 1e-6) + 1, sid
+        assert torch.equal(s.transl[0], torch.from_numpy(trans[first])), sid
+    assert got["CMU/01/walk_poses#000001.1"].caption == "steps on"
+    rejected = {x["clip_id"]: x["kind"] for x in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert rejected == {"CMU/01/walk_poses#000001.2": "too_short", "KIT/3/jump_poses": "missing_text",
+                        "KIT/4/turn_poses": "missing_text"}
+
+
 def test_without_captions_every_clip_is_one_sample(amass: Path, tmp_path: Path) -> None:
     prepare_motion.main(_args(amass, tmp_path / "out", "--fps", "20"))
     got = _by_id(tmp_path / "out")
