@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         if server is not None:
             server.kill()
             server.wait()
+        if not args.work_dir:  # a folder of our own: gigabytes of shards nobody asked to keep
+            shutil.rmtree(work, ignore_errors=True)
 
     from echomotion.config import model_preset
 
