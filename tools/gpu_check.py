@@ -412,8 +412,8 @@ def blocks_section(run: Run, a: argparse.Namespace) -> list[dict[str, Any]]:
     workloads = DRY_WORKLOADS if run.dry_run else WORKLOADS
     rows = []
     for name in a.models or list(workloads):
-        attention = variants(run, False)[0].attention
-        rows.append(guarded(lambda: attention_row(name, ALL_WORKLOADS[name], attention, run)))
+        for attention in dict.fromkeys(v.attention for v in variants(run, False) if v.attention != "flash-attn"):
+            rows.append(guarded(lambda: attention_row(name, ALL_WORKLOADS[name], attention, run)))
         for v in variants(run, a.compile):
             record = {"model": name, "variant": v.name}
             if run.over_budget():
