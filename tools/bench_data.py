@@ -123,8 +123,9 @@ def upload(folder: Path, endpoint: str, bucket: str) -> None:
 def read_epoch(args: argparse.Namespace, path: str, cache: Path, workers: int) -> tuple[int, float, float]:
     """(samples after the first batch, seconds to the first batch, seconds for the rest) with a cold cache: the first
     batch carries the start-up (index, stats, worker start, first shard); the rest is the steady rate training sees."""
+    source = "data.motion_only_path" if args.motion_only else "data.path"
     cfg = load_config(None, [
-        f"data.path={path}", f"data.cache_dir={cache}", f"data.batch_size={args.batch}", f"data.num_workers={workers}",
+        f"{source}={path}", f"data.cache_dir={cache}", f"data.batch_size={args.batch}", f"data.num_workers={workers}",
         "data.shuffle=true", "data.clean_stale_shm=false", "model.text_len=512",
     ])
     start = time.perf_counter()
